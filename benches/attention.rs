@@ -1,0 +1,165 @@
+//! Forward benchmark on the FlashAttention-3 paper grid (batch x seqlen = 16k tokens, hidden 2048,
+//! head dims 64/128/256, causal and not, seqlen 512..16k), plus head dims 80/96 and GQA 32/8.
+//!
+//! CUDA-event timing around each call, warm-up first, median of `--iters` runs; FLOPs
+//! `4 b h sq sk d`, halved for causal. Prints a table and writes JSON (`--json PATH`) that
+//! `benches/compare.py` joins with PyTorch's SDPA backends measured in the same session.
+//!
+//! ```text
+//! cargo bench --bench attention -- [--quick] [--family sm80|auto] [--iters N] [--json out.json]
+//! ```
+
+use cudarc::driver::sys::CUevent_flags;
+use flashattn_aot::{
+    CausalAlign, Family, FwdOptions, FwdTensors, KernelOverride, Layout, Tensor, TensorMut, flash_fwd, open_device,
+};
+use half::bf16;
+use std::io::Write;
+
+struct Args {
+    quick: bool,
+    family: Option<Family>,
+    iters: usize,
+    json: Option<String>,
+    head_dims: Vec<usize>,
+}
+
+fn args() -> Args {
+    let mut a = Args { quick: false, family: None, iters: 30, json: None, head_dims: vec![64, 128, 256, 80, 96] };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--quick" => a.quick = true,
+            "--family" => {
+                a.family = match it.next().as_deref() {
+                    Some("sm80") => Some(Family::Sm80),
+                    Some("sm90") => Some(Family::Sm90),
+                    _ => None,
+                }
+            }
+            "--iters" => a.iters = it.next().and_then(|v| v.parse().ok()).unwrap_or(30),
+            "--json" => a.json = it.next(),
+            "--head-dims" => {
+                a.head_dims = it.next().map(|v| v.split(',').filter_map(|d| d.parse().ok()).collect()).unwrap_or_default()
+            }
+            _ => {}
+        }
+    }
+    a
+}
+
+struct Row {
+    hdim: usize,
+    causal: bool,
+    seqlen: usize,
+    batch: usize,
+    heads: usize,
+    heads_k: usize,
+    ms: f64,
+    tflops: f64,
+    symbol: String,
+}
+
+fn main() {
+    let a = args();
+    let ctx = match open_device(0) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("benchmark skipped: {e}");
+            return;
+        }
+    };
+    let stream = ctx.default_stream();
+    let seqlens: Vec<usize> = if a.quick { vec![2048, 8192] } else { vec![512, 1024, 2048, 4096, 8192, 16384] };
+    let mut configs = Vec::new();
+    for &d in &a.head_dims {
+        for causal in [false, true] {
+            for &s in &seqlens {
+                configs.push((d, causal, s, 2048 / d, 2048 / d));
+            }
+        }
+    }
+    // GQA 32/8 (Llama-style), head dim 128.
+    for causal in [false, true] {
+        for &s in &seqlens {
+            configs.push((128, causal, s, 32, 8));
+        }
+    }
+    // One random pool large enough for every config, reused (values in [-1, 1)).
+    let max_elems = 16384 * 32 * 128;
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let pool: Vec<bf16> = (0..max_elems)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            bf16::from_f32((state >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+        })
+        .collect();
+    let q = stream.clone_htod(&pool).unwrap();
+    let k = stream.clone_htod(&pool).unwrap();
+    let v = stream.clone_htod(&pool).unwrap();
+    let mut out = stream.alloc_zeros::<bf16>(max_elems).unwrap();
+    let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+    let stop = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
+    let mut rows = Vec::new();
+    println!("{:>5} {:>6} {:>6} {:>5} {:>5} {:>4} {:>9} {:>8}  kernel", "hdim", "causal", "seqlen", "batch", "heads", "hk", "ms", "TFLOP/s");
+    for (d, causal, s, h, hk) in configs {
+        let b = 16384 / s;
+        let ql = Layout::contiguous(b, s, h, d);
+        let kl = Layout::contiguous(b, s, hk, d);
+        let mut opts = FwdOptions::new().kernel_override(KernelOverride { family: a.family, ..Default::default() });
+        if causal {
+            opts = opts.causal(CausalAlign::BottomRight);
+        }
+        let mut run = || {
+            let t = FwdTensors {
+                q: Tensor::new(&q, ql),
+                k: Tensor::new(&k, kl),
+                v: Tensor::new(&v, kl),
+                out: TensorMut::new(&mut out, ql),
+                lse: None,
+            };
+            flash_fwd(&stream, t, &opts)
+        };
+        let info = match run() {
+            Ok(i) => i,
+            Err(e) => {
+                println!("{d:>5} {causal:>6} {s:>6}: {e}");
+                continue;
+            }
+        };
+        for _ in 0..3 {
+            run().unwrap();
+        }
+        let mut times = Vec::new();
+        for _ in 0..a.iters {
+            start.record(&stream).unwrap();
+            run().unwrap();
+            stop.record(&stream).unwrap();
+            stop.synchronize().unwrap();
+            times.push(start.elapsed_ms(&stop).unwrap() as f64);
+        }
+        times.sort_by(|x, y| x.partial_cmp(y).unwrap());
+        let ms = times[times.len() / 2];
+        let flops = 4.0 * (b * h * s * s * d) as f64 / if causal { 2.0 } else { 1.0 };
+        let tflops = flops / ms / 1e9;
+        println!("{d:>5} {causal:>6} {s:>6} {b:>5} {h:>5} {hk:>4} {ms:>9.3} {tflops:>8.1}  {}", info.symbol);
+        std::io::stdout().flush().ok();
+        rows.push(Row { hdim: d, causal, seqlen: s, batch: b, heads: h, heads_k: hk, ms, tflops, symbol: info.symbol.to_string() });
+    }
+    if let Some(path) = a.json {
+        let device = ctx.name().unwrap_or_default();
+        let mut js = format!("{{\n \"device\": {device:?},\n \"rows\": [\n");
+        for (i, r) in rows.iter().enumerate() {
+            js.push_str(&format!(
+                "  {{\"impl\": \"flashattn-aot\", \"hdim\": {}, \"causal\": {}, \"seqlen\": {}, \"batch\": {}, \"heads\": {}, \"heads_k\": {}, \"ms\": {:.4}, \"fwd_tflops\": {:.1}, \"kernel\": {:?}}}{}\n",
+                r.hdim, r.causal, r.seqlen, r.batch, r.heads, r.heads_k, r.ms, r.tflops, r.symbol,
+                if i + 1 < rows.len() { "," } else { "" }
+            ));
+        }
+        js.push_str(" ]\n}\n");
+        std::fs::write(&path, js).unwrap();
+        println!("wrote {path}");
+    }
+}

@@ -1,0 +1,504 @@
+//! The forward pass: `flash_fwd`, `flash_fwd_varlen`, and the shared path the GPU reference uses.
+//!
+//! Order of work in [`run_fwd`]: check shapes, options and buffers (typed errors, nothing
+//! launched), resolve the kernel, choose the tile that fits the device, fill the params block,
+//! launch while holding cudarc's pointer guards.
+
+use crate::cells::{Cell, Direction, Family, HEAD_DIMS};
+use crate::dispatch::{DISPATCH_TABLE, DispatchKey, KernelRef, not_compiled};
+use crate::error::{Error, Result};
+use crate::kernels::KernelEntry;
+use crate::options::{Alibi, CausalAlign, FwdOptions};
+use crate::params::{ALIGN_BOTTOM_RIGHT, ALIGN_TOP_LEFT, FLAG_VARLEN, FaParams};
+use crate::runtime::{self, Geometry};
+use crate::tensor::{AttnElement, Layout, Tensor, TensorMut};
+use crate::varlen::VarlenSeqlens;
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use std::ffi::c_void;
+use std::sync::Arc;
+
+/// The tensors of a forward call.
+pub struct FwdTensors<'a, T> {
+    /// Queries `(batch, seqlen_q, heads, head_dim)` (varlen: `(total_q, heads, head_dim)`).
+    pub q: Tensor<'a, T>,
+    /// Keys `(batch, seqlen_k, heads_k, head_dim)` (varlen: `(total_k, heads_k, head_dim)`).
+    pub k: Tensor<'a, T>,
+    /// Values, shaped like `k`.
+    pub v: Tensor<'a, T>,
+    /// Output, shaped like `q`.
+    pub out: TensorMut<'a, T>,
+    /// Optional log-sum-exp output, fp32, natural log: `(batch, heads, seqlen_q)` contiguous, or
+    /// `(heads, total_q)` for varlen.
+    pub lse: Option<&'a mut dyn DevicePtrMut<f32>>,
+}
+
+/// Which kernel ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FwdInfo {
+    /// Cell key, e.g. `sm80.fwd.bf16.hd128`.
+    pub cell: &'static str,
+    /// Kernel symbol (tile variant).
+    pub symbol: &'static str,
+    /// Set when the device's preferred family lacked the cell and this family served it.
+    pub routed_from: Option<Family>,
+    /// True when the kernel was JIT-compiled from compute_80 PTX by the driver.
+    pub jit_ptx: bool,
+}
+
+/// Which implementation to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Impl {
+    /// The fast kernels.
+    Flash,
+    /// The naive GPU reference.
+    Reference,
+}
+
+/// Attention forward on dense `(batch, seqlen, heads, head_dim)` tensors.
+///
+/// Writes `out` (and `lse` when given). Every shape, stride, buffer length, alignment, option
+/// and device is checked first; on error nothing is launched. Enqueued on `stream`; returns
+/// which kernel ran.
+pub fn flash_fwd<T: AttnElement>(stream: &Arc<CudaStream>, t: FwdTensors<'_, T>, opts: &FwdOptions<'_>) -> Result<FwdInfo> {
+    run_fwd(stream, t, None, opts, Impl::Flash)
+}
+
+/// Attention forward on variable-length batches packed as `(total, heads, head_dim)`
+/// ([`Layout::varlen`]), with sequence boundaries from `seqlens`.
+pub fn flash_fwd_varlen<T: AttnElement>(
+    stream: &Arc<CudaStream>,
+    t: FwdTensors<'_, T>,
+    seqlens: &VarlenSeqlens,
+    opts: &FwdOptions<'_>,
+) -> Result<FwdInfo> {
+    run_fwd(stream, t, Some(seqlens), opts, Impl::Flash)
+}
+
+/// Sizes after shape validation.
+struct Dims {
+    batch: usize,
+    /// Dense: every sequence; varlen: the longest.
+    seqlen_q: usize,
+    seqlen_k: usize,
+    heads: usize,
+    heads_k: usize,
+    head_dim: usize,
+    total_q: usize,
+}
+
+fn check_shapes(q: &Layout, k: &Layout, v: &Layout, o: &Layout, seqlens: Option<&VarlenSeqlens>, imp: Impl) -> Result<Dims> {
+    let d = q.head_dim;
+    if k.head_dim != d || v.head_dim != d || o.head_dim != d {
+        return Err(Error::ShapeMismatch(format!(
+            "head dims differ: q {d}, k {}, v {}, out {}",
+            k.head_dim, v.head_dim, o.head_dim
+        )));
+    }
+    if (o.batch, o.seqlen, o.heads) != (q.batch, q.seqlen, q.heads) {
+        return Err(Error::ShapeMismatch(format!(
+            "out is ({}, {}, {}, {d}) but q is ({}, {}, {}, {d})",
+            o.batch, o.seqlen, o.heads, q.batch, q.seqlen, q.heads
+        )));
+    }
+    if (v.batch, v.seqlen, v.heads) != (k.batch, k.seqlen, k.heads) {
+        return Err(Error::ShapeMismatch(format!(
+            "v is ({}, {}, {}, {d}) but k is ({}, {}, {}, {d})",
+            v.batch, v.seqlen, v.heads, k.batch, k.seqlen, k.heads
+        )));
+    }
+    if q.batch != k.batch {
+        return Err(Error::ShapeMismatch(format!("batch of q ({}) and k ({}) differ", q.batch, k.batch)));
+    }
+    if k.heads == 0 || q.heads % k.heads != 0 {
+        return Err(Error::ShapeMismatch(format!(
+            "number of k/v heads {} must divide number of heads in query {}",
+            k.heads, q.heads
+        )));
+    }
+    match imp {
+        Impl::Flash if !HEAD_DIMS.contains(&(d as u32)) => {
+            return Err(Error::UnsupportedHeadDim { head_dim: d as u32, supported: "64, 80, 96, 128, 192, 256" });
+        }
+        Impl::Reference if d == 0 || d > 256 => {
+            return Err(Error::UnsupportedHeadDim { head_dim: d as u32, supported: "1..=256 (reference)" });
+        }
+        _ => {}
+    }
+    let dims = match seqlens {
+        None => Dims {
+            batch: q.batch,
+            seqlen_q: q.seqlen,
+            seqlen_k: k.seqlen,
+            heads: q.heads,
+            heads_k: k.heads,
+            head_dim: d,
+            total_q: q.batch * q.seqlen,
+        },
+        Some(s) => {
+            if q.batch != 1 {
+                return Err(Error::ShapeMismatch(format!(
+                    "varlen tensors are (total, heads, head_dim) (Layout::varlen), got batch {}",
+                    q.batch
+                )));
+            }
+            if q.seqlen != s.total_q() || k.seqlen != s.total_k() {
+                return Err(Error::ShapeMismatch(format!(
+                    "varlen q has {} rows and k {} rows, but cu_seqlens say {} and {}",
+                    q.seqlen,
+                    k.seqlen,
+                    s.total_q(),
+                    s.total_k()
+                )));
+            }
+            Dims {
+                batch: s.batch(),
+                seqlen_q: s.max_seqlen_q(),
+                seqlen_k: s.max_seqlen_k(),
+                heads: q.heads,
+                heads_k: k.heads,
+                head_dim: d,
+                total_q: s.total_q(),
+            }
+        }
+    };
+    let limit = i32::MAX as usize;
+    for (what, value) in [
+        ("batch", dims.batch),
+        ("seqlen_q", q.seqlen),
+        ("seqlen_k", k.seqlen),
+        ("heads", dims.heads),
+        ("total_q * heads", dims.total_q.saturating_mul(dims.heads)),
+    ] {
+        if value > limit {
+            return Err(Error::TooLarge { what, value, limit });
+        }
+    }
+    Ok(dims)
+}
+
+fn check_buffer<T>(name: &'static str, len: usize, layout: &Layout) -> Result<()> {
+    let needed = layout.extent().ok_or(Error::TooLarge { what: "tensor extent", value: usize::MAX, limit: usize::MAX })?;
+    if needed > len {
+        return Err(Error::BufferTooSmall { tensor: name, needed, len });
+    }
+    for stride in [layout.batch_stride, layout.row_stride, layout.head_stride] {
+        if stride > i64::MAX as usize / std::mem::size_of::<T>().max(1) {
+            return Err(Error::TooLarge { what: "stride", value: stride, limit: i64::MAX as usize });
+        }
+    }
+    Ok(())
+}
+
+/// The fast kernels load rows with 16-byte vector copies.
+fn check_alignment<T>(name: &'static str, ptr: u64, layout: &Layout) -> Result<()> {
+    let elem = std::mem::size_of::<T>();
+    if ptr % 16 != 0 {
+        return Err(Error::Misaligned { tensor: name, what: "base address (bytes)", required: 16, got: (ptr % 16) as usize });
+    }
+    let per16 = 16 / elem;
+    for (what, stride, used) in [
+        ("batch stride", layout.batch_stride, layout.batch > 1),
+        ("row stride", layout.row_stride, layout.seqlen > 1),
+        ("head stride", layout.head_stride, layout.heads > 1),
+    ] {
+        if used && stride % per16 != 0 {
+            return Err(Error::Misaligned { tensor: name, what, required: per16, got: stride });
+        }
+    }
+    Ok(())
+}
+
+fn check_device(name: &'static str, buf_stream: &CudaStream, stream: &CudaStream) -> Result<()> {
+    if buf_stream.context().cu_ctx() != stream.context().cu_ctx() {
+        return Err(Error::DeviceMismatch {
+            tensor: name,
+            buffer_device: buf_stream.context().ordinal(),
+            stream_device: stream.context().ordinal(),
+        });
+    }
+    Ok(())
+}
+
+/// Byte range of a tensor in device memory.
+#[derive(Clone, Copy)]
+struct Span {
+    name: &'static str,
+    start: u64,
+    end: u64,
+}
+
+fn check_disjoint(outputs: &[Span], all: &[Span]) -> Result<()> {
+    for o in outputs {
+        for a in all {
+            if o.name != a.name && o.start < a.end && a.start < o.end {
+                return Err(Error::Aliasing { a: o.name, b: a.name });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn i32_bound(what: &'static str, v: Option<u32>) -> Result<i32> {
+    match v {
+        None => Ok(-1),
+        Some(x) if x <= i32::MAX as u32 => Ok(x as i32),
+        Some(x) => Err(Error::TooLarge { what, value: x as usize, limit: i32::MAX as usize }),
+    }
+}
+
+/// Chooses the first tile variant whose shared memory fits `limit`.
+fn choose_tile(kref: &KernelRef, limit: u32) -> Result<&'static KernelEntry> {
+    kref.image.kernels.iter().find(|k| k.smem_bytes <= limit).ok_or_else(|| Error::NoKernel {
+        what: format!("{}: no tile variant fits {limit} bytes of shared memory", kref.key()),
+    })
+}
+
+pub(crate) fn run_fwd<T: AttnElement>(
+    stream: &Arc<CudaStream>,
+    t: FwdTensors<'_, T>,
+    seqlens: Option<&VarlenSeqlens>,
+    opts: &FwdOptions<'_>,
+    imp: Impl,
+) -> Result<FwdInfo> {
+    runtime::ensure_driver()?;
+    let FwdTensors { q, k, v, out, lse } = t;
+    let dims = check_shapes(&q.layout, &k.layout, &v.layout, &out.layout, seqlens, imp)?;
+
+    // Options.
+    let scale = opts.softmax_scale.unwrap_or(1.0 / (dims.head_dim as f32).sqrt());
+    if !scale.is_finite() {
+        return Err(Error::InvalidArgument(format!("softmax scale must be finite, got {scale}")));
+    }
+    let softcap = match opts.softcap {
+        None => 0.0,
+        Some(c) if c.is_finite() && c > 0.0 => c,
+        Some(c) => return Err(Error::InvalidArgument(format!("softcap must be finite and > 0, got {c}"))),
+    };
+    let (left, right, align) = opts.mask.bounds();
+    let window_left = i32_bound("window left", left)?;
+    let window_right = i32_bound("window right", right)?;
+    let sink_tokens = i32_bound("sink tokens", Some(opts.sink_tokens))?;
+    if opts.sink_tokens > 0 && left.is_none() && right.is_none() {
+        return Err(Error::InvalidArgument(format!(
+            "{} sink tokens need a causal mask or a sliding window to be exempt from",
+            opts.sink_tokens
+        )));
+    }
+
+    // Buffers: lengths, devices.
+    let elem = std::mem::size_of::<T>() as u64;
+    check_buffer::<T>("q", q.data.len(), &q.layout)?;
+    check_buffer::<T>("k", k.data.len(), &k.layout)?;
+    check_buffer::<T>("v", v.data.len(), &v.layout)?;
+    check_buffer::<T>("out", out.data.len(), &out.layout)?;
+    let lse_len = dims.heads * dims.total_q;
+    if let Some(l) = &lse {
+        if l.len() < lse_len {
+            return Err(Error::BufferTooSmall { tensor: "lse", needed: lse_len, len: l.len() });
+        }
+        check_device("lse", l.stream(), stream)?;
+    }
+    check_device("q", q.data.stream(), stream)?;
+    check_device("k", k.data.stream(), stream)?;
+    check_device("v", v.data.stream(), stream)?;
+    check_device("out", out.data.stream(), stream)?;
+    let (alibi_buf, alibi_batch_stride) = match opts.alibi {
+        None => (None, 0),
+        Some(Alibi::PerHead(s)) => {
+            if s.len() != dims.heads {
+                return Err(Error::ShapeMismatch(format!("ALiBi slopes have {} entries for {} heads", s.len(), dims.heads)));
+            }
+            (Some(s), 0)
+        }
+        Some(Alibi::PerBatchHead(s)) => {
+            if s.len() != dims.batch * dims.heads {
+                return Err(Error::ShapeMismatch(format!(
+                    "ALiBi slopes have {} entries for batch {} x {} heads",
+                    s.len(),
+                    dims.batch,
+                    dims.heads
+                )));
+            }
+            (Some(s), dims.heads as i32)
+        }
+    };
+    if let Some(s) = alibi_buf {
+        check_device("alibi slopes", s.stream(), stream)?;
+    }
+    if let Some(s) = opts.sink_logits {
+        if s.len() != dims.heads {
+            return Err(Error::ShapeMismatch(format!("sink logits have {} entries for {} heads", s.len(), dims.heads)));
+        }
+        check_device("sink logits", s.stream(), stream)?;
+    }
+    if let Some(s) = seqlens {
+        if !s.same_context(stream) {
+            return Err(Error::DeviceMismatch {
+                tensor: "cu_seqlens",
+                buffer_device: s.cu_q.context().ordinal(),
+                stream_device: stream.context().ordinal(),
+            });
+        }
+    }
+
+    // Kernel.
+    let info = runtime::device_info(stream)?;
+    let key = DispatchKey {
+        arch: info.arch,
+        dtype: T::DTYPE,
+        head_dim: dims.head_dim as u32,
+        causal: opts.mask.is_causal(),
+        varlen: seqlens.is_some(),
+        sliding_window: left,
+        alibi: opts.alibi.is_some(),
+        sink: opts.sink_tokens,
+        paged: false,
+        gqa_ratio: (dims.heads / dims.heads_k) as u32,
+    };
+    let ov = opts.kernel_override;
+    let kref = match (imp, ov.family) {
+        (Impl::Reference, _) => {
+            let cell = Cell { family: Family::Reference, direction: Direction::Fwd, dtype: T::DTYPE, head_dim: 0 };
+            let (index, image, jit_ptx) = DISPATCH_TABLE.serve(&cell, info.arch).ok_or_else(|| not_compiled(&cell, info.arch))?;
+            KernelRef { image, index, routed_from: None, jit_ptx }
+        }
+        (Impl::Flash, Some(family)) => DISPATCH_TABLE.lookup_family(&key, Direction::Fwd, family)?,
+        (Impl::Flash, None) => DISPATCH_TABLE.lookup(&key)?,
+    };
+    let jit_ptx = kref.jit_ptx || ov.force_ptx;
+    if jit_ptx && kref.image.ptx.is_none() {
+        return Err(Error::CellNotCompiled {
+            cell: kref.key().to_string(),
+            knobs: crate::kernels::BUILD_KNOBS,
+            hint: "its compute_80 PTX image is needed; build with the `ptx-jit` feature".into(),
+        });
+    }
+    let smem_limit = ov.smem_limit.map_or(info.max_smem_optin, |l| l.min(info.max_smem_optin));
+    let entry = choose_tile(&kref, smem_limit)?;
+    let geom = match kref.cell().family {
+        Family::Reference => Geometry { grid: (dims.seqlen_q as u32, dims.heads as u32, dims.batch as u32), block: 128, smem_bytes: 0 },
+        Family::Sm80 | Family::Sm90 => Geometry {
+            grid: (dims.seqlen_q.div_ceil(entry.tile.block_m as usize) as u32, dims.heads as u32, dims.batch as u32),
+            block: entry.tile.threads(),
+            smem_bytes: entry.smem_bytes,
+        },
+    };
+    let function = runtime::function(stream, kref.index, jit_ptx, entry.symbol, entry.smem_bytes)?;
+
+    // Device pointers, held with their guards until the launch is enqueued.
+    let (q_ptr, _g_q) = q.data.device_ptr(stream);
+    let (k_ptr, _g_k) = k.data.device_ptr(stream);
+    let (v_ptr, _g_v) = v.data.device_ptr(stream);
+    let out_len = out.data.len();
+    let (o_ptr, _g_o) = out.data.device_ptr_mut(stream);
+    let (lse_ptr, _g_lse) = match lse {
+        Some(l) => {
+            let (p, g) = l.device_ptr_mut(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let (alibi_ptr, _g_alibi) = match alibi_buf {
+        Some(s) => {
+            let (p, g) = s.device_ptr(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let (sink_ptr, _g_sink) = match opts.sink_logits {
+        Some(s) => {
+            let (p, g) = s.device_ptr(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    let (cu_q, _g_cuq, cu_k, _g_cuk, used_k, _g_used) = match seqlens {
+        Some(s) => {
+            let (a, ga) = s.cu_q.device_ptr(stream);
+            let (b, gb) = s.cu_k.device_ptr(stream);
+            let (c, gc) = match &s.seqused_k {
+                Some(u) => {
+                    let (c, gc) = u.device_ptr(stream);
+                    (c, Some(gc))
+                }
+                None => (0, None),
+            };
+            (a, Some(ga), b, Some(gb), c, gc)
+        }
+        None => (0, None, 0, None, 0, None),
+    };
+    if imp == Impl::Flash {
+        check_alignment::<T>("q", q_ptr, &q.layout)?;
+        check_alignment::<T>("k", k_ptr, &k.layout)?;
+        check_alignment::<T>("v", v_ptr, &v.layout)?;
+        check_alignment::<T>("out", o_ptr, &out.layout)?;
+    }
+    let span = |name, ptr: u64, elems: usize, size: u64| Span { name, start: ptr, end: ptr + elems as u64 * size };
+    let mut spans = vec![
+        span("q", q_ptr, q.data.len(), elem),
+        span("k", k_ptr, k.data.len(), elem),
+        span("v", v_ptr, v.data.len(), elem),
+        span("out", o_ptr, out_len, elem),
+    ];
+    let mut outputs = vec![spans[3]];
+    if lse_ptr != 0 {
+        let s = span("lse", lse_ptr, lse_len, 4);
+        spans.push(s);
+        outputs.push(s);
+    }
+    check_disjoint(&outputs, &spans)?;
+
+    let is_varlen = seqlens.is_some();
+    let bstride = |l: &Layout| if is_varlen { 0 } else { l.batch_stride as i64 };
+    let params = FaParams {
+        q: q_ptr as *const c_void,
+        k: k_ptr as *const c_void,
+        v: v_ptr as *const c_void,
+        o: o_ptr as *mut c_void,
+        lse: lse_ptr as *mut f32,
+        cu_seqlens_q: cu_q as *const i32,
+        cu_seqlens_k: cu_k as *const i32,
+        seqused_k: used_k as *const i32,
+        alibi_slopes: alibi_ptr as *const f32,
+        sink_logits: sink_ptr as *const f32,
+        q_batch_stride: bstride(&q.layout),
+        q_row_stride: q.layout.row_stride as i64,
+        q_head_stride: q.layout.head_stride as i64,
+        k_batch_stride: bstride(&k.layout),
+        k_row_stride: k.layout.row_stride as i64,
+        k_head_stride: k.layout.head_stride as i64,
+        v_batch_stride: bstride(&v.layout),
+        v_row_stride: v.layout.row_stride as i64,
+        v_head_stride: v.layout.head_stride as i64,
+        o_batch_stride: bstride(&out.layout),
+        o_row_stride: out.layout.row_stride as i64,
+        o_head_stride: out.layout.head_stride as i64,
+        batch: dims.batch as i32,
+        seqlen_q: dims.seqlen_q as i32,
+        seqlen_k: dims.seqlen_k as i32,
+        num_heads: dims.heads as i32,
+        num_heads_k: dims.heads_k as i32,
+        head_dim: dims.head_dim as i32,
+        total_q: dims.total_q as i32,
+        window_left,
+        window_right,
+        causal_align: match align {
+            CausalAlign::BottomRight => ALIGN_BOTTOM_RIGHT,
+            CausalAlign::TopLeft => ALIGN_TOP_LEFT,
+        },
+        sink_tokens,
+        alibi_batch_stride,
+        num_splits: 1,
+        scale,
+        scale_log2: scale * std::f32::consts::LOG2_E,
+        softcap,
+        flags: if is_varlen { FLAG_VARLEN } else { 0 },
+        ..FaParams::default()
+    };
+    let mut params = params;
+    let mut args = [&mut params as *mut FaParams as *mut c_void];
+    // SAFETY: every fast and reference forward kernel takes exactly one `FaParams` by value; every
+    // pointer in it was checked against its layout above and its guard lives until this returns.
+    unsafe { runtime::launch(function, geom, stream, &mut args)? };
+    Ok(FwdInfo { cell: kref.key(), symbol: entry.symbol, routed_from: kref.routed_from, jit_ptx })
+}
