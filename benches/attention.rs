@@ -25,7 +25,13 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a = Args { quick: false, family: None, iters: 30, json: None, head_dims: vec![64, 128, 256, 80, 96] };
+    let mut a = Args {
+        quick: false,
+        family: None,
+        iters: 30,
+        json: None,
+        head_dims: vec![64, 128, 256, 80, 96],
+    };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
         match x.as_str() {
@@ -40,7 +46,10 @@ fn args() -> Args {
             "--iters" => a.iters = it.next().and_then(|v| v.parse().ok()).unwrap_or(30),
             "--json" => a.json = it.next(),
             "--head-dims" => {
-                a.head_dims = it.next().map(|v| v.split(',').filter_map(|d| d.parse().ok()).collect()).unwrap_or_default()
+                a.head_dims = it
+                    .next()
+                    .map(|v| v.split(',').filter_map(|d| d.parse().ok()).collect())
+                    .unwrap_or_default()
             }
             _ => {}
         }
@@ -70,7 +79,11 @@ fn main() {
         }
     };
     let stream = ctx.default_stream();
-    let seqlens: Vec<usize> = if a.quick { vec![2048, 8192] } else { vec![512, 1024, 2048, 4096, 8192, 16384] };
+    let seqlens: Vec<usize> = if a.quick {
+        vec![2048, 8192]
+    } else {
+        vec![512, 1024, 2048, 4096, 8192, 16384]
+    };
     let mut configs = Vec::new();
     for &d in &a.head_dims {
         for causal in [false, true] {
@@ -103,12 +116,18 @@ fn main() {
     let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
     let stop = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
     let mut rows = Vec::new();
-    println!("{:>5} {:>6} {:>6} {:>5} {:>5} {:>4} {:>9} {:>8}  kernel", "hdim", "causal", "seqlen", "batch", "heads", "hk", "ms", "TFLOP/s");
+    println!(
+        "{:>5} {:>6} {:>6} {:>5} {:>5} {:>4} {:>9} {:>8}  kernel",
+        "hdim", "causal", "seqlen", "batch", "heads", "hk", "ms", "TFLOP/s"
+    );
     for (d, causal, s, h, hk) in configs {
         let b = 16384 / s;
         let ql = Layout::contiguous(b, s, h, d);
         let kl = Layout::contiguous(b, s, hk, d);
-        let mut opts = FwdOptions::new().kernel_override(KernelOverride { family: a.family, ..Default::default() });
+        let mut opts = FwdOptions::new().kernel_override(KernelOverride {
+            family: a.family,
+            ..Default::default()
+        });
         if causal {
             opts = opts.causal(CausalAlign::BottomRight);
         }
@@ -144,9 +163,22 @@ fn main() {
         let ms = times[times.len() / 2];
         let flops = 4.0 * (b * h * s * s * d) as f64 / if causal { 2.0 } else { 1.0 };
         let tflops = flops / ms / 1e9;
-        println!("{d:>5} {causal:>6} {s:>6} {b:>5} {h:>5} {hk:>4} {ms:>9.3} {tflops:>8.1}  {}", info.symbol);
+        println!(
+            "{d:>5} {causal:>6} {s:>6} {b:>5} {h:>5} {hk:>4} {ms:>9.3} {tflops:>8.1}  {}",
+            info.symbol
+        );
         std::io::stdout().flush().ok();
-        rows.push(Row { hdim: d, causal, seqlen: s, batch: b, heads: h, heads_k: hk, ms, tflops, symbol: info.symbol.to_string() });
+        rows.push(Row {
+            hdim: d,
+            causal,
+            seqlen: s,
+            batch: b,
+            heads: h,
+            heads_k: hk,
+            ms,
+            tflops,
+            symbol: info.symbol.to_string(),
+        });
     }
     if let Some(path) = a.json {
         let device = ctx.name().unwrap_or_default();

@@ -58,11 +58,21 @@ pub fn write(out_dir: &Path, built: &[Built], knobs: &Knobs) {
     let mut keys = Vec::new();
     for (i, b) in built.iter().enumerate() {
         let fat_len = std::fs::metadata(&b.fatbin).map(|m| m.len()).unwrap_or(0);
-        writeln!(rs, "static FATBIN_{i}: Aligned<{fat_len}> = Aligned(*include_bytes!({:?}));", b.fatbin.display().to_string()).unwrap();
+        writeln!(
+            rs,
+            "static FATBIN_{i}: Aligned<{fat_len}> = Aligned(*include_bytes!({:?}));",
+            b.fatbin.display().to_string()
+        )
+        .unwrap();
         let (ptx_expr, ptx_len) = match &b.ptx_fatbin {
             Some(p) => {
                 let len = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-                writeln!(rs, "static PTX_{i}: Aligned<{len}> = Aligned(*include_bytes!({:?}));", p.display().to_string()).unwrap();
+                writeln!(
+                    rs,
+                    "static PTX_{i}: Aligned<{len}> = Aligned(*include_bytes!({:?}));",
+                    p.display().to_string()
+                )
+                .unwrap();
                 (format!("Some(&PTX_{i}.0)"), len)
             }
             None => ("None".to_string(), 0),
@@ -107,8 +117,18 @@ pub fn write(out_dir: &Path, built: &[Built], knobs: &Knobs) {
     for (key, i) in &keys {
         map.entry(key.as_str(), i.to_string());
     }
-    writeln!(rs, "pub(crate) static CELL_INDEX: phf::Map<&'static str, usize> = {};", map.build()).unwrap();
-    writeln!(rs, "\n/// The build knobs this library was compiled with.\npub const BUILD_KNOBS: &str = {:?};", knobs.summary).unwrap();
+    writeln!(
+        rs,
+        "pub(crate) static CELL_INDEX: phf::Map<&'static str, usize> = {};",
+        map.build()
+    )
+    .unwrap();
+    writeln!(
+        rs,
+        "\n/// The build knobs this library was compiled with.\npub const BUILD_KNOBS: &str = {:?};",
+        knobs.summary
+    )
+    .unwrap();
     writeln!(rs, "/// Whether kernels were compiled at all (false for documentation builds).\npub const KERNELS_BUILT: bool = {};", !knobs.docs_rs).unwrap();
     std::fs::write(out_dir.join("kernels.rs"), rs).expect("write kernels.rs");
     std::fs::write(out_dir.join("manifest.tsv"), manifest).expect("write manifest.tsv");

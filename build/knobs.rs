@@ -56,7 +56,9 @@ where
 impl Knobs {
     pub fn from_env() -> Knobs {
         let docs_rs = env("DOCS_RS").is_some();
-        let targets = list("FLASHATTN_AOT_ARCHS", &Target::ALL, |s| Target::ALL.into_iter().find(|t| t.tag() == s));
+        let targets = list("FLASHATTN_AOT_ARCHS", &Target::ALL, |s| {
+            Target::ALL.into_iter().find(|t| t.tag() == s)
+        });
         let head_dims = list("FLASHATTN_AOT_HEAD_DIMS", &crate::cells::HEAD_DIMS, |s| {
             s.parse().ok().filter(|d| crate::cells::HEAD_DIMS.contains(d))
         });
@@ -65,9 +67,14 @@ impl Knobs {
             [Direction::Fwd, Direction::Bwd].into_iter().find(|d| d.tag() == s)
         });
         let all_families = [Family::Reference, Family::Sm80, Family::Sm90];
-        let families = list("FLASHATTN_AOT_FAMILIES", &all_families, |s| all_families.into_iter().find(|f| f.tag() == s));
+        let families = list("FLASHATTN_AOT_FAMILIES", &all_families, |s| {
+            all_families.into_iter().find(|f| f.tag() == s)
+        });
         let jobs = env("FLASHATTN_AOT_JOBS")
-            .map(|v| v.parse().unwrap_or_else(|_| panic!("FLASHATTN_AOT_JOBS: not a number: `{v}`")))
+            .map(|v| {
+                v.parse()
+                    .unwrap_or_else(|_| panic!("FLASHATTN_AOT_JOBS: not a number: `{v}`"))
+            })
             .unwrap_or_else(default_jobs)
             .max(1);
         let cache_dir = match env("FLASHATTN_AOT_CACHE_DIR") {
@@ -87,12 +94,28 @@ impl Knobs {
             directions.iter().map(|d| d.tag()).collect::<Vec<_>>().join(","),
             families.iter().map(|f| f.tag()).collect::<Vec<_>>().join(","),
         );
-        Knobs { docs_rs, targets, head_dims, dtypes, directions, families, jobs, cache_dir, extra_nvcc_flags, ptx, summary }
+        Knobs {
+            docs_rs,
+            targets,
+            head_dims,
+            dtypes,
+            directions,
+            families,
+            jobs,
+            cache_dir,
+            extra_nvcc_flags,
+            ptx,
+            summary,
+        }
     }
 
     /// The SASS targets this cell is built for under these knobs.
     pub fn targets_of(&self, cell: &Cell) -> Vec<Target> {
-        cell.targets().iter().copied().filter(|t| self.targets.contains(t)).collect()
+        cell.targets()
+            .iter()
+            .copied()
+            .filter(|t| self.targets.contains(t))
+            .collect()
     }
 
     pub fn allows(&self, cell: &Cell) -> bool {

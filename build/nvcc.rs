@@ -36,7 +36,11 @@ impl Nvcc {
                 Ok(out) if out.status.success() => {
                     let version = String::from_utf8_lossy(&out.stdout).into_owned();
                     println!("cargo:rerun-if-changed={}", candidate.display());
-                    return Ok(Nvcc { path: candidate, version, ccbin: host_compiler() });
+                    return Ok(Nvcc {
+                        path: candidate,
+                        version,
+                        ccbin: host_compiler(),
+                    });
                 }
                 _ => continue,
             }
@@ -69,7 +73,7 @@ fn candidates() -> Vec<PathBuf> {
     let mut out = Vec::new();
     let env = |name: &str| {
         println!("cargo:rerun-if-env-changed={name}");
-        std::env::var_os(name)
+        std::env::var_os(name).filter(|v| !v.is_empty())
     };
     if let Some(p) = env("NVCC") {
         out.push(PathBuf::from(p));
@@ -92,7 +96,10 @@ fn candidates() -> Vec<PathBuf> {
     }
     for python in ["python3", "python"] {
         let probe = Command::new(python)
-            .args(["-c", "import nvidia, sys; sys.stdout.write('\\n'.join(nvidia.__path__))"])
+            .args([
+                "-c",
+                "import nvidia, sys; sys.stdout.write('\\n'.join(nvidia.__path__))",
+            ])
             .output();
         if let Ok(o) = probe {
             if o.status.success() {
@@ -115,7 +122,11 @@ fn host_compiler() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("NVCC_CCBIN") {
         return Some(PathBuf::from(p));
     }
-    let tool = cc::Build::new().cpp(true).cargo_metadata(false).try_get_compiler().ok()?;
+    let tool = cc::Build::new()
+        .cpp(true)
+        .cargo_metadata(false)
+        .try_get_compiler()
+        .ok()?;
     Some(tool.path().to_path_buf())
 }
 
@@ -149,7 +160,12 @@ fn translation_unit(cell: &Cell) -> String {
     for tile in cell.tiles() {
         let symbol = cell.symbol(&tile);
         if cell.family == Family::Reference {
-            tu.push_str(&format!("{}({}, {})\n", cell.instantiate_macro(), symbol, cell.dtype.cuda_type()));
+            tu.push_str(&format!(
+                "{}({}, {})\n",
+                cell.instantiate_macro(),
+                symbol,
+                cell.dtype.cuda_type()
+            ));
         } else {
             tu.push_str(&format!(
                 "{}({}, {}, {}, {}, {}, {}, {}, {})\n",
@@ -233,7 +249,10 @@ fn run(cmd: &mut Command) -> Result<String, String> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        return Err(format!("nvcc failed ({})\ncommand: {line}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}", out.status));
+        return Err(format!(
+            "nvcc failed ({})\ncommand: {line}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+            out.status
+        ));
     }
     Ok(format!("{stdout}{stderr}"))
 }
@@ -249,7 +268,12 @@ fn compile(job: &Job, nvcc: &Nvcc) -> Result<String, String> {
     let mut log = run(&mut cmd)?;
     std::fs::rename(&tmp, &job.fatbin).map_err(|e| e.to_string())?;
     if let Some(ptx_fatbin) = &job.ptx_fatbin {
-        let stem = job.tu_path.file_stem().expect("tu has a name").to_string_lossy().into_owned();
+        let stem = job
+            .tu_path
+            .file_stem()
+            .expect("tu has a name")
+            .to_string_lossy()
+            .into_owned();
         let ptx = job.keep_dir.join(format!("{stem}.compute_80.ptx"));
         let fatbinary = nvcc.path.with_file_name("fatbinary");
         let mut cmd = Command::new(&fatbinary);
@@ -275,7 +299,9 @@ pub fn run_jobs(jobs: Vec<Job>, knobs: &Knobs, nvcc: &Nvcc) -> Vec<Built> {
         for _ in 0..workers {
             s.spawn(|| {
                 loop {
-                    let Some(job) = queue.lock().unwrap().pop_front() else { break };
+                    let Some(job) = queue.lock().unwrap().pop_front() else {
+                        break;
+                    };
                     let cached = knobs.cache_dir.as_deref().is_some_and(|dir| cache::fetch(dir, &job));
                     if !cached {
                         match compile(&job, nvcc) {
@@ -305,7 +331,11 @@ pub fn run_jobs(jobs: Vec<Job>, knobs: &Knobs, nvcc: &Nvcc) -> Vec<Built> {
     });
     let failures = failures.into_inner().unwrap();
     if !failures.is_empty() {
-        panic!("{} of {total} kernel cells failed to compile:\n\n{}", failures.len(), failures.join("\n\n"));
+        panic!(
+            "{} of {total} kernel cells failed to compile:\n\n{}",
+            failures.len(),
+            failures.join("\n\n")
+        );
     }
     let mut built = done.into_inner().unwrap();
     built.sort_by_key(|b| b.cell);

@@ -7,7 +7,9 @@
 
 use cudarc::driver::sys::CUevent_flags;
 use flashattn_aot::reference::reference_fwd;
-use flashattn_aot::{CausalAlign, FwdOptions, FwdTensors, Layout, Tensor, TensorMut, device_info, flash_fwd, open_device};
+use flashattn_aot::{
+    CausalAlign, FwdOptions, FwdTensors, Layout, Tensor, TensorMut, device_info, flash_fwd, open_device,
+};
 use half::bf16;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -27,7 +29,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ctx = open_device(0)?;
     let stream = ctx.default_stream();
     let dev = device_info(&stream)?;
-    println!("device: {} (compute capability {:?}, {} SMs)", ctx.name()?, dev.compute_capability, dev.sm_count);
+    println!(
+        "device: {} (compute capability {:?}, {} SMs)",
+        ctx.name()?,
+        dev.compute_capability,
+        dev.sm_count
+    );
 
     let n = b * seqlen * h * d;
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
@@ -44,9 +51,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut out = stream.alloc_zeros::<bf16>(n)?;
     let mut out_ref = stream.alloc_zeros::<bf16>(n)?;
     let layout = Layout::contiguous(b, seqlen, h, d);
-    let opts = if causal { FwdOptions::new().causal(CausalAlign::BottomRight) } else { FwdOptions::new() };
+    let opts = if causal {
+        FwdOptions::new().causal(CausalAlign::BottomRight)
+    } else {
+        FwdOptions::new()
+    };
 
-    let mut run = |out: &mut cudarc::driver::CudaSlice<bf16>| {
+    let run = |out: &mut cudarc::driver::CudaSlice<bf16>| {
         let t = FwdTensors {
             q: Tensor::new(&q, layout),
             k: Tensor::new(&k, layout),
@@ -57,7 +68,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         flash_fwd(&stream, t, &opts)
     };
     let info = run(&mut out)?;
-    println!("kernel: {} (cell {}{})", info.symbol, info.cell, if info.routed_from.is_some() { ", routed to the sm80 family" } else { "" });
+    println!(
+        "kernel: {} (cell {}{})",
+        info.symbol,
+        info.cell,
+        if info.routed_from.is_some() {
+            ", routed to the sm80 family"
+        } else {
+            ""
+        }
+    );
 
     // Check against the GPU reference (fp32 accumulation, one row per block).
     let t = FwdTensors {
@@ -70,7 +90,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     reference_fwd(&stream, t, &opts)?;
     let got: Vec<bf16> = stream.clone_dtoh(&out)?;
     let want: Vec<bf16> = stream.clone_dtoh(&out_ref)?;
-    let max_err = got.iter().zip(&want).map(|(a, b)| (a.to_f32() - b.to_f32()).abs()).fold(0f32, f32::max);
+    let max_err = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a.to_f32() - b.to_f32()).abs())
+        .fold(0f32, f32::max);
     let max_ref = want.iter().map(|x| x.to_f32().abs()).fold(0f32, f32::max);
     println!("max |flash - reference| = {max_err:.2e} (max |reference| = {max_ref:.3})");
     if !(max_err <= 3.0 * max_ref.max(1.0) / 256.0) {

@@ -174,7 +174,8 @@ impl Cell {
             (Family::Reference, _) => vec![Tile::REFERENCE],
             (Family::Sm80, Direction::Fwd) => sm80_fwd_tiles(self.head_dim).to_vec(),
             (Family::Sm80, Direction::Bwd) => Vec::new(),
-            (Family::Sm90, _) => Vec::new(),
+            (Family::Sm90, Direction::Fwd) => sm90_fwd_tiles(self.head_dim).to_vec(),
+            (Family::Sm90, Direction::Bwd) => Vec::new(),
         }
     }
 
@@ -202,6 +203,7 @@ impl Cell {
         match (self.family, self.direction) {
             (Family::Reference, _) => 0,
             (Family::Sm80, Direction::Fwd) => sm80_fwd_smem_bytes(self.head_dim, self.dtype, tile),
+            (Family::Sm90, Direction::Fwd) => sm90_fwd_smem_bytes(self.head_dim, self.dtype, tile),
             _ => 0,
         }
     }
@@ -276,7 +278,12 @@ pub struct Tile {
 
 impl Tile {
     /// The reference kernels' launch shape: one query row per block, 128 threads.
-    pub const REFERENCE: Tile = Tile { block_m: 1, block_n: 1, warps: 4, stages: 1 };
+    pub const REFERENCE: Tile = Tile {
+        block_m: 1,
+        block_n: 1,
+        warps: 4,
+        stages: 1,
+    };
 
     /// Threads per block.
     pub const fn threads(&self) -> u32 {
@@ -288,35 +295,130 @@ impl Tile {
 /// `&[tile!(..)]` is promoted to a `'static` slice in the const tables below).
 macro_rules! tile {
     ($m:expr, $n:expr, $w:expr, $s:expr) => {
-        Tile { block_m: $m, block_n: $n, warps: $w, stages: $s }
+        Tile {
+            block_m: $m,
+            block_n: $n,
+            warps: $w,
+            stages: $s,
+        }
     };
 }
 
 /// sm80-family forward tiles per head dim, most preferred first.
 ///
-/// Tuning notes (H100 unless said; measured figures in docs/perf-log.md):
-/// - Each row's smem is padded by 8 elements (16 bytes), which makes every ldmatrix and
-///   cp.async access conflict-free without a swizzle (the row pitch is an odd number of 16-byte
-///   chunks for every head dim here).
-/// - A second, smaller variant exists where the first exceeds the 99 KB of sm_86/sm_89; the run
-///   time picks the first that fits the device's opt-in limit.
+/// The run time takes the first tile whose shared memory fits the device's opt-in limit
+/// (sm_90: 227 KB, sm_80: 163 KB, sm_86/sm_89: 99 KB = 101376 bytes), so each list is ordered by
+/// preference on H100 and ends with a tile of at most 101376 bytes. The later entries are also
+/// reachable on H100 through the `smem_limit` kernel override, to measure them.
+///
+/// Reasoning (predictions for H100 running sm_90 SASS of the mma.sync code, not yet measured;
+/// measured figures go in docs/perf-log.md):
+/// - Rows per warp. With 32 query rows per warp every K/V fragment loaded from smem feeds two
+///   m16 MMAs (~26 FLOP per smem byte); with 16 rows the smem traffic per MMA nearly doubles
+///   (~14 FLOP/byte, ~1.9k FLOP/clk/SM at 128 B/clk, too close to what mma.sync sustains). So
+///   head dims up to 128 use BM = 128 with 4 warps of 32 rows: FlashAttention-2's shape, 2 blocks
+///   (8 warps) per SM by registers, one block's softmax (MUFU, FP32) overlapping the other's MMAs.
+///   d = 192 and 256 cannot hold 32 rows of O (192-256 fp32 registers), so they use 8 warps of
+///   16 rows with BM = 128 (BM = 64 would double the L2 -> smem traffic per FLOP).
+/// - BM = 128 everywhere the smem allows: each K/V byte read from L2 serves 128 query rows,
+///   ~2.6 TB/s of L2 traffic at 330 TFLOP/s.
+/// - Registers, not smem, bind on H100: at d = 128 O takes 128 and S (64 keys) 64 of the 255
+///   registers, and a straight 64-key step spills. The kernel therefore runs a 64-key block as
+///   two softmax chunks of 32 keys (one load, one barrier, two online-softmax updates); the O
+///   rescale is skipped when no row max moved. (128 x 48 in one chunk compiles at 254 registers,
+///   without margin; the kernel's static_assert keeps O + one S chunk <= 160 registers.)
+/// - Stages. A 2-stage K/V ring gives a whole KV step (one barrier per step) to every load and
+///   still lets two 4-warp blocks share an SM at d <= 128 (2 x 102 KB at d = 128). A third stage
+///   would drop that to one block per SM.
+/// - d = 64: 128 x 128 (two 64-key chunks, half the barriers) first; 128 x 64 to measure against.
+///   Three blocks per SM would need <= 168 registers and spill.
+/// - d = 128: 128 x 64 (102 KB) first; 128 x 32 (68 KB) fits 99 KB.
+/// - d = 192 / 256: 128 x 64 with 8 warps (150 / 198 KB, 1 block per SM); 128 x 32 (132 KB)
+///   fits A100's 163 KB at d = 256; 64 x 32 with 4 warps fits 99 KB (d = 256: exactly 101376).
+/// - Rows are padded by 8 elements (16 bytes): the pitch is an odd number of 16-byte chunks for
+///   every head dim here, so ldmatrix and cp.async are conflict-free without a swizzle. The
+///   pads of Q rows 0-3 also hold the block's walk state (no extra bytes).
+///
+/// Registers per thread (nvcc 13.0, -O3; sm_80 / sm_90 SASS; same for f16 and bf16; 0 spills and
+/// 0 stack everywhere): d64 128x128 214/215, 128x64 218/222; d80 226/227; d96 239/243;
+/// d128 128x64 241/241, 128x32 224/228; d192 128x64w8 194/203, 64x32 178/189;
+/// d256 128x64w8 225/237, 128x32w8 210/217, 64x32 210/217.
 pub const fn sm80_fwd_tiles(head_dim: u32) -> &'static [Tile] {
     match head_dim {
         64 => &[tile!(128, 128, 4, 2), tile!(128, 64, 4, 2)],
         80 => &[tile!(128, 64, 4, 2)],
         96 => &[tile!(128, 64, 4, 2)],
         128 => &[tile!(128, 64, 4, 2), tile!(128, 32, 4, 2)],
-        192 => &[tile!(128, 64, 8, 2), tile!(64, 64, 4, 2)],
-        256 => &[tile!(128, 64, 8, 2), tile!(64, 64, 4, 1)],
+        192 => &[tile!(128, 64, 8, 2), tile!(64, 32, 4, 2)],
+        256 => &[tile!(128, 64, 8, 2), tile!(128, 32, 8, 2), tile!(64, 32, 4, 2)],
         _ => &[],
     }
 }
 
 /// Shared memory of an sm80-family forward tile: Q tile plus `stages` K and V tiles, each row
-/// padded by 8 elements. `csrc/sm80/fwd.cuh` static_asserts the same number.
+/// padded by 8 elements. `csrc/sm80/fwd_mainloop.cuh` (`FwdSmem`) computes the same number and
+/// every kernel static_asserts that it equals the one the build passes in.
 pub const fn sm80_fwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u32 {
     let pitch = (head_dim + 8) * dtype.size_in_bytes() as u32;
     tile.block_m * pitch + 2 * tile.stages * tile.block_n * pitch
+}
+
+/// sm90-family (FlashAttention-3 class, sm_90a) forward tiles per head dim, most preferred
+/// first. `warps` = 4 (producer warpgroup) + 4 per consumer warpgroup of 64 query rows, so
+/// `block_m / 64 = warps / 4 - 1`.
+///
+/// Reasoning (predictions for H100; measured figures go in docs/perf-log.md):
+/// - Registers decide the shape. A consumer thread holds S (`block_n / 2` fp32), P (`block_n /
+///   4` b32 while the P.V that reads it runs) and O (`head_dim / 2` fp32). With 2 consumer
+///   warpgroups `setmaxnreg` gives them 240 registers (producer 24), with 3 only 160
+///   (producer 32). Every tile below compiles with no spills; ptxas leaves ~30-40 registers of
+///   fragmentation around the wgmma register blocks, so S + P + O must stay near 200 (2 WGs) or
+///   128 (3 WGs).
+/// - Shared memory: Q (`block_m x d`, reused as the O staging buffer) + `stages` x (K + V tiles
+///   of `block_n x d`) + barriers + 1 KB alignment slack, at most 227 KB (232448 bytes).
+/// - d = 64: 192 x 128, 3 consumer WGs (FA3's tile): exp costs as much as the MMAs at d = 64
+///   (64 / d), so three warpgroups keep the MUFU busy while the others' GEMMs run. S + P + O =
+///   128 of 160 registers; 192 x 192 would need 176 (FA3 moves P through smem for that one).
+///   3 stages because a KV step is short (~0.7 us for all three WGs) against TMA latency.
+/// - d = 80: 128 x 176, 3 stages. The head dim is 5 panels of 16 with a 32-byte swizzle (the
+///   only swizzle that tiles 160-byte rows; one TMA box and one P.V wgmma of N = 80).
+/// - d = 96: 128 x 176, 3 stages (228472 bytes). 64-byte swizzle, 3 panels of 32. FA3 uses
+///   192 x 144 with P through smem; with P in registers 3 WGs x 160 registers do not fit it.
+/// - d = 128: 128 x 176, 2 stages (FA3's non-causal tile; its causal 128 x 128 is not a
+///   separate cell here). S + P + O = 196 registers. 128 x 192 fits smem (O reuses Q) but not
+///   the registers.
+/// - d = 192: 128 x 112, 2 stages (222296 bytes); 3 stages do not fit.
+/// - d = 256: 128 x 80, 2 stages (230488 bytes): O alone is 128 registers.
+pub const fn sm90_fwd_tiles(head_dim: u32) -> &'static [Tile] {
+    match head_dim {
+        64 => &[tile!(192, 128, 16, 3)],
+        80 => &[tile!(128, 176, 12, 3)],
+        96 => &[tile!(128, 176, 12, 3)],
+        128 => &[tile!(128, 176, 12, 2)],
+        192 => &[tile!(128, 112, 12, 2)],
+        256 => &[tile!(128, 80, 12, 2)],
+        _ => &[],
+    }
+}
+
+/// Shared memory of an sm90-family forward tile, in bytes (dynamic; the kernel aligns its base
+/// to 1024 itself). `csrc/sm90/layout.cuh` (`SharedLayout`) computes the same number and every
+/// kernel static_asserts that it equals the one the build passes in:
+/// - Q: `block_m / 64` slabs of 64 rows x `head_dim`, each rounded up to 1024 bytes (the swizzle
+///   period; the epilogue stages O in the same slabs);
+/// - K and V: `stages` tiles each of `block_n` rows x `head_dim`, rounded up to 1024 bytes;
+/// - `3 + 4 * stages` mbarriers of 8 bytes;
+/// - 1024 bytes of slack for aligning the base.
+pub const fn sm90_fwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u32 {
+    const fn round_up_1k(x: u32) -> u32 {
+        x.div_ceil(1024) * 1024
+    }
+    let row_bytes = head_dim * dtype.size_in_bytes() as u32;
+    let q_slabs = tile.block_m / 64;
+    let q = q_slabs * round_up_1k(64 * row_bytes);
+    let kv = 2 * tile.stages * round_up_1k(tile.block_n * row_bytes);
+    let barriers = (3 + 4 * tile.stages) * 8;
+    q + kv + barriers + 1024
 }
 
 /// Every cell the crate knows how to build, before the build knobs filter it. Families whose
@@ -325,12 +427,24 @@ pub fn whitelist() -> Vec<Cell> {
     let mut cells = Vec::new();
     for direction in [Direction::Fwd, Direction::Bwd] {
         for dtype in [DType::F16, DType::Bf16] {
-            cells.push(Cell { family: Family::Reference, direction, dtype, head_dim: 0 });
+            cells.push(Cell {
+                family: Family::Reference,
+                direction,
+                dtype,
+                head_dim: 0,
+            });
         }
     }
-    for dtype in [DType::F16, DType::Bf16] {
-        for head_dim in HEAD_DIMS {
-            cells.push(Cell { family: Family::Sm80, direction: Direction::Fwd, dtype, head_dim });
+    for family in [Family::Sm80, Family::Sm90] {
+        for dtype in [DType::F16, DType::Bf16] {
+            for head_dim in HEAD_DIMS {
+                cells.push(Cell {
+                    family,
+                    direction: Direction::Fwd,
+                    dtype,
+                    head_dim,
+                });
+            }
         }
     }
     cells

@@ -32,7 +32,11 @@ impl SmArch {
             (8, _) => Ok(SmArch::Sm80),
             (9, 0) => Ok(SmArch::Sm90a),
             (m, _) if m >= 10 => Ok(SmArch::Sm100),
-            _ => Err(Error::UnsupportedDevice { major, minor, reason: "the kernels need compute capability 8.0 or newer" }),
+            _ => Err(Error::UnsupportedDevice {
+                major,
+                minor,
+                reason: "the kernels need compute capability 8.0 or newer",
+            }),
         }
     }
 
@@ -126,7 +130,10 @@ impl DispatchKey {
 
     fn validate_common(&self, direction: Direction) -> Result<()> {
         if !HEAD_DIMS.contains(&self.head_dim) {
-            return Err(Error::UnsupportedHeadDim { head_dim: self.head_dim, supported: "64, 80, 96, 128, 192, 256" });
+            return Err(Error::UnsupportedHeadDim {
+                head_dim: self.head_dim,
+                supported: "64, 80, 96, 128, 192, 256",
+            });
         }
         if self.dtype.is_fp8() && !matches!(self.arch, SmArch::Sm90a | SmArch::Sm100) {
             return Err(Error::UnsupportedDType {
@@ -140,7 +147,9 @@ impl DispatchKey {
             return Err(Error::InvalidArgument("gqa_ratio must be >= 1".into()));
         }
         if self.sliding_window == Some(0) {
-            return Err(Error::InvalidArgument("sliding_window must be > 0 (None = unbounded)".into()));
+            return Err(Error::InvalidArgument(
+                "sliding_window must be > 0 (None = unbounded)".into(),
+            ));
         }
         if self.sink > 0 && !self.causal && self.sliding_window.is_none() {
             return Err(Error::InvalidArgument(format!(
@@ -168,7 +177,9 @@ impl DispatchKey {
             });
         }
         if self.paged {
-            return Err(Error::InvalidArgument("the backward pass does not take a paged KV cache".into()));
+            return Err(Error::InvalidArgument(
+                "the backward pass does not take a paged KV cache".into(),
+            ));
         }
         Ok(())
     }
@@ -177,7 +188,9 @@ impl DispatchKey {
     pub fn validate_paged(&self) -> Result<()> {
         self.validate_fwd()?;
         if !self.paged {
-            return Err(Error::InvalidArgument("the paged-KV path needs a key with paged = true".into()));
+            return Err(Error::InvalidArgument(
+                "the paged-KV path needs a key with paged = true".into(),
+            ));
         }
         Ok(())
     }
@@ -251,7 +264,12 @@ impl DispatchKey {
 
     /// The cell of `family` and `direction` this key canonicalises to.
     pub fn cell(&self, family: Family, direction: Direction) -> Cell {
-        Cell { family, direction, dtype: self.dtype, head_dim: self.head_dim }
+        Cell {
+            family,
+            direction,
+            dtype: self.dtype,
+            head_dim: self.head_dim,
+        }
     }
 }
 
@@ -302,8 +320,8 @@ fn family_supports(family: Family, key: &DispatchKey, direction: Direction) -> b
         Family::Reference => false,
         // The sm80 family has no paged-KV kernels yet and no fp8 tensor-core path.
         Family::Sm80 => !key.paged && !key.dtype.is_fp8() && direction == Direction::Fwd,
-        // The sm90 family has not been written yet.
-        Family::Sm90 => false,
+        // The sm90 family: 16-bit forward, no paged KV yet.
+        Family::Sm90 => !key.paged && !key.dtype.is_fp8() && direction == Direction::Fwd,
     }
 }
 
@@ -361,12 +379,21 @@ impl DispatchTable {
             Direction::Bwd => key.validate_bwd()?,
         }
         if !family_supports(family, key, direction) {
-            return Err(Error::NoKernel { what: format!("{} ({direction:?}) in the {} family", key.kernel_name(), family.tag()) });
+            return Err(Error::NoKernel {
+                what: format!("{} ({direction:?}) in the {} family", key.kernel_name(), family.tag()),
+            });
         }
         let cell = key.cell(family, direction);
-        let (index, image, jit_ptx) = self.serve(&cell, key.arch).ok_or_else(|| not_compiled(&cell, key.arch))?;
+        let (index, image, jit_ptx) = self
+            .serve(&cell, key.arch)
+            .ok_or_else(|| not_compiled(&cell, key.arch))?;
         let preferred = key.arch.families()[0];
-        Ok(KernelRef { image, index, routed_from: (family != preferred).then_some(preferred), jit_ptx })
+        Ok(KernelRef {
+            image,
+            index,
+            routed_from: (family != preferred).then_some(preferred),
+            jit_ptx,
+        })
     }
 
     /// Resolves `key` for `direction`. `strict` forbids routing to a non-preferred family.
@@ -388,7 +415,12 @@ impl DispatchTable {
             let cell = key.cell(family, direction);
             match self.serve(&cell, key.arch) {
                 Some((index, image, jit_ptx)) => {
-                    return Ok(KernelRef { image, index, routed_from: (i > 0).then_some(preferred), jit_ptx });
+                    return Ok(KernelRef {
+                        image,
+                        index,
+                        routed_from: (i > 0).then_some(preferred),
+                        jit_ptx,
+                    });
                 }
                 None => {
                     missing.get_or_insert(cell);
@@ -397,7 +429,9 @@ impl DispatchTable {
         }
         match missing {
             Some(cell) => Err(not_compiled(&cell, key.arch)),
-            None => Err(Error::NoKernel { what: format!("{} ({direction:?})", key.kernel_name()) }),
+            None => Err(Error::NoKernel {
+                what: format!("{} ({direction:?})", key.kernel_name()),
+            }),
         }
     }
 

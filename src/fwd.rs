@@ -59,7 +59,11 @@ pub(crate) enum Impl {
 /// Writes `out` (and `lse` when given). Every shape, stride, buffer length, alignment, option
 /// and device is checked first; on error nothing is launched. Enqueued on `stream`; returns
 /// which kernel ran.
-pub fn flash_fwd<T: AttnElement>(stream: &Arc<CudaStream>, t: FwdTensors<'_, T>, opts: &FwdOptions<'_>) -> Result<FwdInfo> {
+pub fn flash_fwd<T: AttnElement>(
+    stream: &Arc<CudaStream>,
+    t: FwdTensors<'_, T>,
+    opts: &FwdOptions<'_>,
+) -> Result<FwdInfo> {
     run_fwd(stream, t, None, opts, Impl::Flash)
 }
 
@@ -75,18 +79,25 @@ pub fn flash_fwd_varlen<T: AttnElement>(
 }
 
 /// Sizes after shape validation.
-struct Dims {
-    batch: usize,
+pub(crate) struct Dims {
+    pub batch: usize,
     /// Dense: every sequence; varlen: the longest.
-    seqlen_q: usize,
-    seqlen_k: usize,
-    heads: usize,
-    heads_k: usize,
-    head_dim: usize,
-    total_q: usize,
+    pub seqlen_q: usize,
+    pub seqlen_k: usize,
+    pub heads: usize,
+    pub heads_k: usize,
+    pub head_dim: usize,
+    pub total_q: usize,
 }
 
-fn check_shapes(q: &Layout, k: &Layout, v: &Layout, o: &Layout, seqlens: Option<&VarlenSeqlens>, imp: Impl) -> Result<Dims> {
+pub(crate) fn check_shapes(
+    q: &Layout,
+    k: &Layout,
+    v: &Layout,
+    o: &Layout,
+    seqlens: Option<&VarlenSeqlens>,
+    imp: Impl,
+) -> Result<Dims> {
     let d = q.head_dim;
     if k.head_dim != d || v.head_dim != d || o.head_dim != d {
         return Err(Error::ShapeMismatch(format!(
@@ -107,7 +118,10 @@ fn check_shapes(q: &Layout, k: &Layout, v: &Layout, o: &Layout, seqlens: Option<
         )));
     }
     if q.batch != k.batch {
-        return Err(Error::ShapeMismatch(format!("batch of q ({}) and k ({}) differ", q.batch, k.batch)));
+        return Err(Error::ShapeMismatch(format!(
+            "batch of q ({}) and k ({}) differ",
+            q.batch, k.batch
+        )));
     }
     if k.heads == 0 || q.heads % k.heads != 0 {
         return Err(Error::ShapeMismatch(format!(
@@ -117,10 +131,16 @@ fn check_shapes(q: &Layout, k: &Layout, v: &Layout, o: &Layout, seqlens: Option<
     }
     match imp {
         Impl::Flash if !HEAD_DIMS.contains(&(d as u32)) => {
-            return Err(Error::UnsupportedHeadDim { head_dim: d as u32, supported: "64, 80, 96, 128, 192, 256" });
+            return Err(Error::UnsupportedHeadDim {
+                head_dim: d as u32,
+                supported: "64, 80, 96, 128, 192, 256",
+            });
         }
         Impl::Reference if d == 0 || d > 256 => {
-            return Err(Error::UnsupportedHeadDim { head_dim: d as u32, supported: "1..=256 (reference)" });
+            return Err(Error::UnsupportedHeadDim {
+                head_dim: d as u32,
+                supported: "1..=256 (reference)",
+            });
         }
         _ => {}
     }
@@ -176,24 +196,41 @@ fn check_shapes(q: &Layout, k: &Layout, v: &Layout, o: &Layout, seqlens: Option<
     Ok(dims)
 }
 
-fn check_buffer<T>(name: &'static str, len: usize, layout: &Layout) -> Result<()> {
-    let needed = layout.extent().ok_or(Error::TooLarge { what: "tensor extent", value: usize::MAX, limit: usize::MAX })?;
+pub(crate) fn check_buffer<T>(name: &'static str, len: usize, layout: &Layout) -> Result<()> {
+    let needed = layout.extent().ok_or(Error::TooLarge {
+        what: "tensor extent",
+        value: usize::MAX,
+        limit: usize::MAX,
+    })?;
     if needed > len {
-        return Err(Error::BufferTooSmall { tensor: name, needed, len });
+        return Err(Error::BufferTooSmall {
+            tensor: name,
+            needed,
+            len,
+        });
     }
     for stride in [layout.batch_stride, layout.row_stride, layout.head_stride] {
         if stride > i64::MAX as usize / std::mem::size_of::<T>().max(1) {
-            return Err(Error::TooLarge { what: "stride", value: stride, limit: i64::MAX as usize });
+            return Err(Error::TooLarge {
+                what: "stride",
+                value: stride,
+                limit: i64::MAX as usize,
+            });
         }
     }
     Ok(())
 }
 
 /// The fast kernels load rows with 16-byte vector copies.
-fn check_alignment<T>(name: &'static str, ptr: u64, layout: &Layout) -> Result<()> {
+pub(crate) fn check_alignment<T>(name: &'static str, ptr: u64, layout: &Layout) -> Result<()> {
     let elem = std::mem::size_of::<T>();
     if ptr % 16 != 0 {
-        return Err(Error::Misaligned { tensor: name, what: "base address (bytes)", required: 16, got: (ptr % 16) as usize });
+        return Err(Error::Misaligned {
+            tensor: name,
+            what: "base address (bytes)",
+            required: 16,
+            got: (ptr % 16) as usize,
+        });
     }
     let per16 = 16 / elem;
     for (what, stride, used) in [
@@ -202,13 +239,18 @@ fn check_alignment<T>(name: &'static str, ptr: u64, layout: &Layout) -> Result<(
         ("head stride", layout.head_stride, layout.heads > 1),
     ] {
         if used && stride % per16 != 0 {
-            return Err(Error::Misaligned { tensor: name, what, required: per16, got: stride });
+            return Err(Error::Misaligned {
+                tensor: name,
+                what,
+                required: per16,
+                got: stride,
+            });
         }
     }
     Ok(())
 }
 
-fn check_device(name: &'static str, buf_stream: &CudaStream, stream: &CudaStream) -> Result<()> {
+pub(crate) fn check_device(name: &'static str, buf_stream: &CudaStream, stream: &CudaStream) -> Result<()> {
     if buf_stream.context().cu_ctx() != stream.context().cu_ctx() {
         return Err(Error::DeviceMismatch {
             tensor: name,
@@ -221,13 +263,13 @@ fn check_device(name: &'static str, buf_stream: &CudaStream, stream: &CudaStream
 
 /// Byte range of a tensor in device memory.
 #[derive(Clone, Copy)]
-struct Span {
+pub(crate) struct Span {
     name: &'static str,
     start: u64,
     end: u64,
 }
 
-fn check_disjoint(outputs: &[Span], all: &[Span]) -> Result<()> {
+pub(crate) fn check_disjoint(outputs: &[Span], all: &[Span]) -> Result<()> {
     for o in outputs {
         for a in all {
             if o.name != a.name && o.start < a.end && a.start < o.end {
@@ -242,37 +284,85 @@ fn i32_bound(what: &'static str, v: Option<u32>) -> Result<i32> {
     match v {
         None => Ok(-1),
         Some(x) if x <= i32::MAX as u32 => Ok(x as i32),
-        Some(x) => Err(Error::TooLarge { what, value: x as usize, limit: i32::MAX as usize }),
+        Some(x) => Err(Error::TooLarge {
+            what,
+            value: x as usize,
+            limit: i32::MAX as usize,
+        }),
     }
 }
 
 /// Chooses the first tile variant whose shared memory fits `limit`.
 fn choose_tile(kref: &KernelRef, limit: u32) -> Result<&'static KernelEntry> {
-    kref.image.kernels.iter().find(|k| k.smem_bytes <= limit).ok_or_else(|| Error::NoKernel {
-        what: format!("{}: no tile variant fits {limit} bytes of shared memory", kref.key()),
-    })
+    kref.image
+        .kernels
+        .iter()
+        .find(|k| k.smem_bytes <= limit)
+        .ok_or_else(|| Error::NoKernel {
+            what: format!("{}: no tile variant fits {limit} bytes of shared memory", kref.key()),
+        })
 }
 
-pub(crate) fn run_fwd<T: AttnElement>(
-    stream: &Arc<CudaStream>,
-    t: FwdTensors<'_, T>,
-    seqlens: Option<&VarlenSeqlens>,
-    opts: &FwdOptions<'_>,
-    imp: Impl,
-) -> Result<FwdInfo> {
-    runtime::ensure_driver()?;
-    let FwdTensors { q, k, v, out, lse } = t;
-    let dims = check_shapes(&q.layout, &k.layout, &v.layout, &out.layout, seqlens, imp)?;
+/// The options of a call after validation, in the kernels' terms.
+pub(crate) struct Prepared<'a> {
+    pub scale: f32,
+    pub softcap: f32,
+    pub left: Option<u32>,
+    pub window_left: i32,
+    pub window_right: i32,
+    pub causal: bool,
+    pub align: i32,
+    pub sink_tokens: i32,
+    pub alibi: Option<&'a dyn DevicePtr<f32>>,
+    pub alibi_batch_stride: i32,
+    pub sink_logits: Option<&'a dyn DevicePtr<f32>>,
+}
 
-    // Options.
+impl Prepared<'_> {
+    /// The dispatch key of a request with these options.
+    pub fn dispatch_key(
+        &self,
+        arch: crate::dispatch::SmArch,
+        dtype: crate::cells::DType,
+        dims: &Dims,
+        varlen: bool,
+    ) -> DispatchKey {
+        DispatchKey {
+            arch,
+            dtype,
+            head_dim: dims.head_dim as u32,
+            causal: self.causal,
+            varlen,
+            sliding_window: self.left,
+            alibi: self.alibi.is_some(),
+            sink: self.sink_tokens as u32,
+            paged: false,
+            gqa_ratio: (dims.heads / dims.heads_k) as u32,
+        }
+    }
+}
+
+/// Validates the options against the sizes (and their buffers against the stream's device).
+pub(crate) fn prepare_options<'a>(
+    opts: &FwdOptions<'a>,
+    dims: &Dims,
+    seqlens: Option<&VarlenSeqlens>,
+    stream: &CudaStream,
+) -> Result<Prepared<'a>> {
     let scale = opts.softmax_scale.unwrap_or(1.0 / (dims.head_dim as f32).sqrt());
     if !scale.is_finite() {
-        return Err(Error::InvalidArgument(format!("softmax scale must be finite, got {scale}")));
+        return Err(Error::InvalidArgument(format!(
+            "softmax scale must be finite, got {scale}"
+        )));
     }
     let softcap = match opts.softcap {
         None => 0.0,
         Some(c) if c.is_finite() && c > 0.0 => c,
-        Some(c) => return Err(Error::InvalidArgument(format!("softcap must be finite and > 0, got {c}"))),
+        Some(c) => {
+            return Err(Error::InvalidArgument(format!(
+                "softcap must be finite and > 0, got {c}"
+            )));
+        }
     };
     let (left, right, align) = opts.mask.bounds();
     let window_left = i32_bound("window left", left)?;
@@ -284,29 +374,15 @@ pub(crate) fn run_fwd<T: AttnElement>(
             opts.sink_tokens
         )));
     }
-
-    // Buffers: lengths, devices.
-    let elem = std::mem::size_of::<T>() as u64;
-    check_buffer::<T>("q", q.data.len(), &q.layout)?;
-    check_buffer::<T>("k", k.data.len(), &k.layout)?;
-    check_buffer::<T>("v", v.data.len(), &v.layout)?;
-    check_buffer::<T>("out", out.data.len(), &out.layout)?;
-    let lse_len = dims.heads * dims.total_q;
-    if let Some(l) = &lse {
-        if l.len() < lse_len {
-            return Err(Error::BufferTooSmall { tensor: "lse", needed: lse_len, len: l.len() });
-        }
-        check_device("lse", l.stream(), stream)?;
-    }
-    check_device("q", q.data.stream(), stream)?;
-    check_device("k", k.data.stream(), stream)?;
-    check_device("v", v.data.stream(), stream)?;
-    check_device("out", out.data.stream(), stream)?;
-    let (alibi_buf, alibi_batch_stride) = match opts.alibi {
+    let (alibi, alibi_batch_stride) = match opts.alibi {
         None => (None, 0),
         Some(Alibi::PerHead(s)) => {
             if s.len() != dims.heads {
-                return Err(Error::ShapeMismatch(format!("ALiBi slopes have {} entries for {} heads", s.len(), dims.heads)));
+                return Err(Error::ShapeMismatch(format!(
+                    "ALiBi slopes have {} entries for {} heads",
+                    s.len(),
+                    dims.heads
+                )));
             }
             (Some(s), 0)
         }
@@ -322,12 +398,16 @@ pub(crate) fn run_fwd<T: AttnElement>(
             (Some(s), dims.heads as i32)
         }
     };
-    if let Some(s) = alibi_buf {
+    if let Some(s) = alibi {
         check_device("alibi slopes", s.stream(), stream)?;
     }
     if let Some(s) = opts.sink_logits {
         if s.len() != dims.heads {
-            return Err(Error::ShapeMismatch(format!("sink logits have {} entries for {} heads", s.len(), dims.heads)));
+            return Err(Error::ShapeMismatch(format!(
+                "sink logits have {} entries for {} heads",
+                s.len(),
+                dims.heads
+            )));
         }
         check_device("sink logits", s.stream(), stream)?;
     }
@@ -340,27 +420,209 @@ pub(crate) fn run_fwd<T: AttnElement>(
             });
         }
     }
+    Ok(Prepared {
+        scale,
+        softcap,
+        left,
+        window_left,
+        window_right,
+        causal: opts.mask.is_causal(),
+        align: match align {
+            CausalAlign::BottomRight => ALIGN_BOTTOM_RIGHT,
+            CausalAlign::TopLeft => ALIGN_TOP_LEFT,
+        },
+        sink_tokens,
+        alibi,
+        alibi_batch_stride,
+        sink_logits: opts.sink_logits,
+    })
+}
+
+type Guard<'s> = cudarc::driver::SyncOnDrop<'s>;
+
+fn ptr_of<'s, E>(b: Option<&'s dyn DevicePtr<E>>, stream: &'s CudaStream) -> (u64, Option<Guard<'s>>) {
+    match b {
+        Some(s) => {
+            let (p, g) = s.device_ptr(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    }
+}
+
+/// Device pointers of the inputs every pass reads (q, k, v, the option buffers, the varlen
+/// index data), with cudarc's guards, which record the stream's work on the buffers when dropped.
+pub(crate) struct Pointers<'s> {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub alibi: u64,
+    pub sinks: u64,
+    pub cu_q: u64,
+    pub cu_k: u64,
+    pub used_k: u64,
+    _guards: Vec<Guard<'s>>,
+}
+
+impl<'s> Pointers<'s> {
+    pub fn take<T>(
+        stream: &'s CudaStream,
+        q: &'s Tensor<'_, T>,
+        k: &'s Tensor<'_, T>,
+        v: &'s Tensor<'_, T>,
+        seqlens: Option<&'s VarlenSeqlens>,
+        prep: &Prepared<'s>,
+    ) -> Pointers<'s> {
+        let mut guards = Vec::new();
+        let mut keep = |(p, g): (u64, Option<Guard<'s>>)| {
+            guards.extend(g);
+            p
+        };
+        let q = keep({
+            let (p, g) = q.data.device_ptr(stream);
+            (p, Some(g))
+        });
+        let k = keep({
+            let (p, g) = k.data.device_ptr(stream);
+            (p, Some(g))
+        });
+        let v = keep({
+            let (p, g) = v.data.device_ptr(stream);
+            (p, Some(g))
+        });
+        let alibi = keep(ptr_of(prep.alibi, stream));
+        let sinks = keep(ptr_of(prep.sink_logits, stream));
+        let (cu_q, cu_k, used_k) = match seqlens {
+            Some(s) => {
+                let a = keep(ptr_of(Some(&s.cu_q as &dyn DevicePtr<i32>), stream));
+                let b = keep(ptr_of(Some(&s.cu_k as &dyn DevicePtr<i32>), stream));
+                let c = keep(ptr_of(s.seqused_k.as_ref().map(|u| u as &dyn DevicePtr<i32>), stream));
+                (a, b, c)
+            }
+            None => (0, 0, 0),
+        };
+        Pointers {
+            q,
+            k,
+            v,
+            alibi,
+            sinks,
+            cu_q,
+            cu_k,
+            used_k,
+            _guards: guards,
+        }
+    }
+}
+
+/// The params block of a launch: pointers of q, k, v and the option buffers, strides (batch
+/// strides are 0 for varlen), sizes, mask and score modifiers. `layouts` = [q, k, v, o].
+pub(crate) fn fill_params(
+    ptrs: &Pointers<'_>,
+    prep: &Prepared<'_>,
+    dims: &Dims,
+    varlen: bool,
+    layouts: [&Layout; 4],
+) -> FaParams {
+    let [ql, kl, vl, ol] = layouts;
+    let bstride = |l: &Layout| if varlen { 0 } else { l.batch_stride as i64 };
+    FaParams {
+        q: ptrs.q as *const c_void,
+        k: ptrs.k as *const c_void,
+        v: ptrs.v as *const c_void,
+        cu_seqlens_q: ptrs.cu_q as *const i32,
+        cu_seqlens_k: ptrs.cu_k as *const i32,
+        seqused_k: ptrs.used_k as *const i32,
+        alibi_slopes: ptrs.alibi as *const f32,
+        sink_logits: ptrs.sinks as *const f32,
+        q_batch_stride: bstride(ql),
+        q_row_stride: ql.row_stride as i64,
+        q_head_stride: ql.head_stride as i64,
+        k_batch_stride: bstride(kl),
+        k_row_stride: kl.row_stride as i64,
+        k_head_stride: kl.head_stride as i64,
+        v_batch_stride: bstride(vl),
+        v_row_stride: vl.row_stride as i64,
+        v_head_stride: vl.head_stride as i64,
+        o_batch_stride: bstride(ol),
+        o_row_stride: ol.row_stride as i64,
+        o_head_stride: ol.head_stride as i64,
+        batch: dims.batch as i32,
+        seqlen_q: dims.seqlen_q as i32,
+        seqlen_k: dims.seqlen_k as i32,
+        num_heads: dims.heads as i32,
+        num_heads_k: dims.heads_k as i32,
+        head_dim: dims.head_dim as i32,
+        total_q: dims.total_q as i32,
+        window_left: prep.window_left,
+        window_right: prep.window_right,
+        causal_align: prep.align,
+        sink_tokens: prep.sink_tokens,
+        alibi_batch_stride: prep.alibi_batch_stride,
+        num_splits: 1,
+        scale: prep.scale,
+        scale_log2: prep.scale * std::f32::consts::LOG2_E,
+        softcap: prep.softcap,
+        flags: if varlen { FLAG_VARLEN } else { 0 },
+        ..FaParams::default()
+    }
+}
+
+pub(crate) fn run_fwd<T: AttnElement>(
+    stream: &Arc<CudaStream>,
+    t: FwdTensors<'_, T>,
+    seqlens: Option<&VarlenSeqlens>,
+    opts: &FwdOptions<'_>,
+    imp: Impl,
+) -> Result<FwdInfo> {
+    runtime::ensure_driver()?;
+    let FwdTensors { q, k, v, out, lse } = t;
+    let dims = check_shapes(&q.layout, &k.layout, &v.layout, &out.layout, seqlens, imp)?;
+    let prep = prepare_options(opts, &dims, seqlens, stream)?;
+
+    // Buffers: lengths, devices.
+    let elem = std::mem::size_of::<T>() as u64;
+    check_buffer::<T>("q", q.data.len(), &q.layout)?;
+    check_buffer::<T>("k", k.data.len(), &k.layout)?;
+    check_buffer::<T>("v", v.data.len(), &v.layout)?;
+    check_buffer::<T>("out", out.data.len(), &out.layout)?;
+    let lse_len = dims.heads * dims.total_q;
+    if let Some(l) = &lse {
+        if l.len() < lse_len {
+            return Err(Error::BufferTooSmall {
+                tensor: "lse",
+                needed: lse_len,
+                len: l.len(),
+            });
+        }
+        check_device("lse", l.stream(), stream)?;
+    }
+    check_device("q", q.data.stream(), stream)?;
+    check_device("k", k.data.stream(), stream)?;
+    check_device("v", v.data.stream(), stream)?;
+    check_device("out", out.data.stream(), stream)?;
 
     // Kernel.
     let info = runtime::device_info(stream)?;
-    let key = DispatchKey {
-        arch: info.arch,
-        dtype: T::DTYPE,
-        head_dim: dims.head_dim as u32,
-        causal: opts.mask.is_causal(),
-        varlen: seqlens.is_some(),
-        sliding_window: left,
-        alibi: opts.alibi.is_some(),
-        sink: opts.sink_tokens,
-        paged: false,
-        gqa_ratio: (dims.heads / dims.heads_k) as u32,
-    };
+    let key = prep.dispatch_key(info.arch, T::DTYPE, &dims, seqlens.is_some());
     let ov = opts.kernel_override;
     let kref = match (imp, ov.family) {
         (Impl::Reference, _) => {
-            let cell = Cell { family: Family::Reference, direction: Direction::Fwd, dtype: T::DTYPE, head_dim: 0 };
-            let (index, image, jit_ptx) = DISPATCH_TABLE.serve(&cell, info.arch).ok_or_else(|| not_compiled(&cell, info.arch))?;
-            KernelRef { image, index, routed_from: None, jit_ptx }
+            let cell = Cell {
+                family: Family::Reference,
+                direction: Direction::Fwd,
+                dtype: T::DTYPE,
+                head_dim: 0,
+            };
+            let (index, image, jit_ptx) = DISPATCH_TABLE
+                .serve(&cell, info.arch)
+                .ok_or_else(|| not_compiled(&cell, info.arch))?;
+            KernelRef {
+                image,
+                index,
+                routed_from: None,
+                jit_ptx,
+            }
         }
         (Impl::Flash, Some(family)) => DISPATCH_TABLE.lookup_family(&key, Direction::Fwd, family)?,
         (Impl::Flash, None) => DISPATCH_TABLE.lookup(&key)?,
@@ -373,12 +635,29 @@ pub(crate) fn run_fwd<T: AttnElement>(
             hint: "its compute_80 PTX image is needed; build with the `ptx-jit` feature".into(),
         });
     }
-    let smem_limit = ov.smem_limit.map_or(info.max_smem_optin, |l| l.min(info.max_smem_optin));
+    let smem_limit = ov
+        .smem_limit
+        .map_or(info.max_smem_optin, |l| l.min(info.max_smem_optin));
     let entry = choose_tile(&kref, smem_limit)?;
+    let m_blocks = dims.seqlen_q.div_ceil(entry.tile.block_m as usize);
     let geom = match kref.cell().family {
-        Family::Reference => Geometry { grid: (dims.seqlen_q as u32, dims.heads as u32, dims.batch as u32), block: 128, smem_bytes: 0 },
-        Family::Sm80 | Family::Sm90 => Geometry {
-            grid: (dims.seqlen_q.div_ceil(entry.tile.block_m as usize) as u32, dims.heads as u32, dims.batch as u32),
+        Family::Reference => Geometry {
+            grid: (dims.seqlen_q as u32, dims.heads as u32, dims.batch as u32),
+            block: 128,
+            smem_bytes: 0,
+        },
+        Family::Sm80 => Geometry {
+            grid: (m_blocks as u32, dims.heads as u32, dims.batch as u32),
+            block: entry.tile.threads(),
+            smem_bytes: entry.smem_bytes,
+        },
+        // Persistent: one block per SM (at most one per tile); the kernel walks the tiles.
+        Family::Sm90 => Geometry {
+            grid: (
+                (m_blocks * dims.heads * dims.batch).min(info.sm_count as usize) as u32,
+                1,
+                1,
+            ),
             block: entry.tile.threads(),
             smem_bytes: entry.smem_bytes,
         },
@@ -386,9 +665,7 @@ pub(crate) fn run_fwd<T: AttnElement>(
     let function = runtime::function(stream, kref.index, jit_ptx, entry.symbol, entry.smem_bytes)?;
 
     // Device pointers, held with their guards until the launch is enqueued.
-    let (q_ptr, _g_q) = q.data.device_ptr(stream);
-    let (k_ptr, _g_k) = k.data.device_ptr(stream);
-    let (v_ptr, _g_v) = v.data.device_ptr(stream);
+    let ptrs = Pointers::take(stream, &q, &k, &v, seqlens, &prep);
     let out_len = out.data.len();
     let (o_ptr, _g_o) = out.data.device_ptr_mut(stream);
     let (lse_ptr, _g_lse) = match lse {
@@ -398,46 +675,21 @@ pub(crate) fn run_fwd<T: AttnElement>(
         }
         None => (0, None),
     };
-    let (alibi_ptr, _g_alibi) = match alibi_buf {
-        Some(s) => {
-            let (p, g) = s.device_ptr(stream);
-            (p, Some(g))
-        }
-        None => (0, None),
-    };
-    let (sink_ptr, _g_sink) = match opts.sink_logits {
-        Some(s) => {
-            let (p, g) = s.device_ptr(stream);
-            (p, Some(g))
-        }
-        None => (0, None),
-    };
-    let (cu_q, _g_cuq, cu_k, _g_cuk, used_k, _g_used) = match seqlens {
-        Some(s) => {
-            let (a, ga) = s.cu_q.device_ptr(stream);
-            let (b, gb) = s.cu_k.device_ptr(stream);
-            let (c, gc) = match &s.seqused_k {
-                Some(u) => {
-                    let (c, gc) = u.device_ptr(stream);
-                    (c, Some(gc))
-                }
-                None => (0, None),
-            };
-            (a, Some(ga), b, Some(gb), c, gc)
-        }
-        None => (0, None, 0, None, 0, None),
-    };
     if imp == Impl::Flash {
-        check_alignment::<T>("q", q_ptr, &q.layout)?;
-        check_alignment::<T>("k", k_ptr, &k.layout)?;
-        check_alignment::<T>("v", v_ptr, &v.layout)?;
+        check_alignment::<T>("q", ptrs.q, &q.layout)?;
+        check_alignment::<T>("k", ptrs.k, &k.layout)?;
+        check_alignment::<T>("v", ptrs.v, &v.layout)?;
         check_alignment::<T>("out", o_ptr, &out.layout)?;
     }
-    let span = |name, ptr: u64, elems: usize, size: u64| Span { name, start: ptr, end: ptr + elems as u64 * size };
+    let span = |name, ptr: u64, elems: usize, size: u64| Span {
+        name,
+        start: ptr,
+        end: ptr + elems as u64 * size,
+    };
     let mut spans = vec![
-        span("q", q_ptr, q.data.len(), elem),
-        span("k", k_ptr, k.data.len(), elem),
-        span("v", v_ptr, v.data.len(), elem),
+        span("q", ptrs.q, q.data.len(), elem),
+        span("k", ptrs.k, k.data.len(), elem),
+        span("v", ptrs.v, v.data.len(), elem),
         span("out", o_ptr, out_len, elem),
     ];
     let mut outputs = vec![spans[3]];
@@ -448,57 +700,40 @@ pub(crate) fn run_fwd<T: AttnElement>(
     }
     check_disjoint(&outputs, &spans)?;
 
-    let is_varlen = seqlens.is_some();
-    let bstride = |l: &Layout| if is_varlen { 0 } else { l.batch_stride as i64 };
-    let params = FaParams {
-        q: q_ptr as *const c_void,
-        k: k_ptr as *const c_void,
-        v: v_ptr as *const c_void,
-        o: o_ptr as *mut c_void,
-        lse: lse_ptr as *mut f32,
-        cu_seqlens_q: cu_q as *const i32,
-        cu_seqlens_k: cu_k as *const i32,
-        seqused_k: used_k as *const i32,
-        alibi_slopes: alibi_ptr as *const f32,
-        sink_logits: sink_ptr as *const f32,
-        q_batch_stride: bstride(&q.layout),
-        q_row_stride: q.layout.row_stride as i64,
-        q_head_stride: q.layout.head_stride as i64,
-        k_batch_stride: bstride(&k.layout),
-        k_row_stride: k.layout.row_stride as i64,
-        k_head_stride: k.layout.head_stride as i64,
-        v_batch_stride: bstride(&v.layout),
-        v_row_stride: v.layout.row_stride as i64,
-        v_head_stride: v.layout.head_stride as i64,
-        o_batch_stride: bstride(&out.layout),
-        o_row_stride: out.layout.row_stride as i64,
-        o_head_stride: out.layout.head_stride as i64,
-        batch: dims.batch as i32,
-        seqlen_q: dims.seqlen_q as i32,
-        seqlen_k: dims.seqlen_k as i32,
-        num_heads: dims.heads as i32,
-        num_heads_k: dims.heads_k as i32,
-        head_dim: dims.head_dim as i32,
-        total_q: dims.total_q as i32,
-        window_left,
-        window_right,
-        causal_align: match align {
-            CausalAlign::BottomRight => ALIGN_BOTTOM_RIGHT,
-            CausalAlign::TopLeft => ALIGN_TOP_LEFT,
-        },
-        sink_tokens,
-        alibi_batch_stride,
-        num_splits: 1,
-        scale,
-        scale_log2: scale * std::f32::consts::LOG2_E,
-        softcap,
-        flags: if is_varlen { FLAG_VARLEN } else { 0 },
-        ..FaParams::default()
-    };
-    let mut params = params;
-    let mut args = [&mut params as *mut FaParams as *mut c_void];
-    // SAFETY: every fast and reference forward kernel takes exactly one `FaParams` by value; every
-    // pointer in it was checked against its layout above and its guard lives until this returns.
-    unsafe { runtime::launch(function, geom, stream, &mut args)? };
-    Ok(FwdInfo { cell: kref.key(), symbol: entry.symbol, routed_from: kref.routed_from, jit_ptx })
+    let mut params = fill_params(
+        &ptrs,
+        &prep,
+        &dims,
+        seqlens.is_some(),
+        [&q.layout, &k.layout, &v.layout, &out.layout],
+    );
+    params.o = o_ptr as *mut c_void;
+    params.lse = lse_ptr as *mut f32;
+    if kref.cell().family == Family::Sm90 {
+        let total_k = seqlens.map_or(dims.batch * k.layout.seqlen, |s| s.total_k());
+        let mut maps =
+            crate::sm90_tma::encode_fwd_tensor_maps(&params, T::DTYPE, dims.head_dim as u32, &entry.tile, total_k)?;
+        let [m0, m1, m2, m3] = &mut maps;
+        let mut args = [
+            &mut params as *mut FaParams as *mut c_void,
+            m0 as *mut _ as *mut c_void,
+            m1 as *mut _ as *mut c_void,
+            m2 as *mut _ as *mut c_void,
+            m3 as *mut _ as *mut c_void,
+        ];
+        // SAFETY: sm90 forward kernels take `FaParams` and four `CUtensorMap`s by value, in this
+        // order; every pointer was checked against its layout and its guard lives until return.
+        unsafe { runtime::launch(function, geom, stream, &mut args)? };
+    } else {
+        let mut args = [&mut params as *mut FaParams as *mut c_void];
+        // SAFETY: sm80 and reference forward kernels take exactly one `FaParams` by value; every
+        // pointer in it was checked against its layout and its guard lives until this returns.
+        unsafe { runtime::launch(function, geom, stream, &mut args)? };
+    }
+    Ok(FwdInfo {
+        cell: kref.key(),
+        symbol: entry.symbol,
+        routed_from: kref.routed_from,
+        jit_ptx,
+    })
 }

@@ -61,6 +61,7 @@
 
 #![warn(missing_docs)]
 
+mod bwd;
 mod cells;
 mod dispatch;
 mod error;
@@ -70,9 +71,11 @@ mod options;
 mod params;
 pub mod reference;
 mod runtime;
+mod sm90_tma;
 mod tensor;
 mod varlen;
 
+pub use bwd::{BwdInfo, BwdOptions, BwdTensors, flash_bwd, flash_bwd_varlen};
 pub use cells::{Cell, DType, Direction, Family, HEAD_DIMS, Target, Tile, whitelist};
 pub use dispatch::{
     DISPATCH_TABLE, DispatchKey, DispatchTable, KernelRef, SmArch, compiled_cells, fnv1a64, lookup, strict_lookup,

@@ -136,7 +136,11 @@ impl<'a> FwdOptions<'a> {
 
     /// Sliding window `(left, right)`, inclusive, `None` = unbounded, bottom-right aligned.
     pub fn window(self, left: Option<u32>, right: Option<u32>) -> Self {
-        self.mask(Mask::Window { left, right, align: CausalAlign::BottomRight })
+        self.mask(Mask::Window {
+            left,
+            right,
+            align: CausalAlign::BottomRight,
+        })
     }
 
     /// StreamingLLM sink tokens: the first `n` keys ignore the window's left bound.

@@ -73,7 +73,12 @@ fn query_info(ctx: &CudaContext) -> Result<DeviceInfo> {
     let arch = SmArch::from_compute_capability(major, minor)?;
     let max_smem_optin = attribute(ctx, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32;
     let sm_count = attribute(ctx, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
-    Ok(DeviceInfo { arch, compute_capability: (major, minor), max_smem_optin, sm_count })
+    Ok(DeviceInfo {
+        arch,
+        compute_capability: (major, minor),
+        max_smem_optin,
+        sm_count,
+    })
 }
 
 fn state(ctx: &Arc<CudaContext>) -> Result<Arc<ContextState>> {
@@ -113,7 +118,13 @@ pub(crate) struct Function {
 
 /// Loads (once) the image `index` (SASS fatbin, or PTX for the driver JIT when `ptx`), and returns
 /// `symbol` with its dynamic shared memory limit raised to `smem_bytes`.
-pub(crate) fn function(stream: &CudaStream, index: usize, ptx: bool, symbol: &'static str, smem_bytes: u32) -> Result<Function> {
+pub(crate) fn function(
+    stream: &CudaStream,
+    index: usize,
+    ptx: bool,
+    symbol: &'static str,
+    smem_bytes: u32,
+) -> Result<Function> {
     let ctx = stream.context();
     let st = state(ctx)?;
     ctx.bind_to_thread().map_err(Error::driver("binding the context"))?;
@@ -121,13 +132,23 @@ pub(crate) fn function(stream: &CudaStream, index: usize, ptx: bool, symbol: &'s
     let slot = &st.modules[index][ptx as usize];
     let module = slot
         .get_or_init(|| {
-            let bytes = if ptx { image.ptx.expect("caller checked the PTX image exists") } else { image.fatbin };
+            let bytes = if ptx {
+                image.ptx.expect("caller checked the PTX image exists")
+            } else {
+                image.fatbin
+            };
             // SAFETY: `bytes` is a complete fatbin embedded with 64-byte alignment by build.rs.
             let handle = unsafe { result::module::load_data(bytes.as_ptr() as *const c_void) }?;
-            Ok(Module { handle, functions: Mutex::new(Vec::new()) })
+            Ok(Module {
+                handle,
+                functions: Mutex::new(Vec::new()),
+            })
         })
         .as_ref()
-        .map_err(|e| Error::Driver { context: "loading a kernel image", source: *e })?;
+        .map_err(|e| Error::Driver {
+            context: "loading a kernel image",
+            source: *e,
+        })?;
     let mut functions = module.functions.lock().unwrap();
     if let Some(&(_, f)) = functions.iter().find(|(s, _)| *s == symbol) {
         return Ok(Function { handle: f });
@@ -171,12 +192,28 @@ pub(crate) unsafe fn launch(f: Function, geom: Geometry, stream: &CudaStream, ar
         return Ok(());
     }
     if gy > 65535 || gz > 65535 {
-        return Err(Error::TooLarge { what: "grid y/z dimension", value: gy.max(gz) as usize, limit: 65535 });
+        return Err(Error::TooLarge {
+            what: "grid y/z dimension",
+            value: gy.max(gz) as usize,
+            limit: 65535,
+        });
     }
-    stream.context().bind_to_thread().map_err(Error::driver("binding the context"))?;
+    stream
+        .context()
+        .bind_to_thread()
+        .map_err(Error::driver("binding the context"))?;
     // SAFETY: forwarded from the caller's contract.
-    unsafe { result::launch_kernel(f.handle, geom.grid, (geom.block, 1, 1), geom.smem_bytes, stream.cu_stream(), args) }
-        .map_err(Error::driver("launching a kernel"))
+    unsafe {
+        result::launch_kernel(
+            f.handle,
+            geom.grid,
+            (geom.block, 1, 1),
+            geom.smem_bytes,
+            stream.cu_stream(),
+            args,
+        )
+    }
+    .map_err(Error::driver("launching a kernel"))
 }
 
 /// Opens device `ordinal` (its primary context) with typed errors: [`Error::NoDriver`] when libcuda

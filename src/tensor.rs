@@ -121,7 +121,12 @@ impl Layout {
 
     /// The same shape with other strides (in elements).
     pub const fn with_strides(self, batch_stride: usize, row_stride: usize, head_stride: usize) -> Layout {
-        Layout { batch_stride, row_stride, head_stride, ..self }
+        Layout {
+            batch_stride,
+            row_stride,
+            head_stride,
+            ..self
+        }
     }
 
     /// Number of elements the layout addresses: largest offset + 1 (0 when empty). None when the

@@ -20,7 +20,10 @@ pub struct VarlenSeqlens {
 
 fn check_cu(name: &str, cu: &[i32]) -> Result<usize> {
     if cu.len() < 2 {
-        return Err(Error::InvalidSeqlens(format!("{name} needs batch + 1 >= 2 entries, got {}", cu.len())));
+        return Err(Error::InvalidSeqlens(format!(
+            "{name} needs batch + 1 >= 2 entries, got {}",
+            cu.len()
+        )));
     }
     if cu[0] != 0 {
         return Err(Error::InvalidSeqlens(format!("{name}[0] must be 0, got {}", cu[0])));
@@ -28,7 +31,10 @@ fn check_cu(name: &str, cu: &[i32]) -> Result<usize> {
     let mut max = 0usize;
     for (b, w) in cu.windows(2).enumerate() {
         if w[1] < w[0] {
-            return Err(Error::InvalidSeqlens(format!("{name} decreases at {b}: {} -> {}", w[0], w[1])));
+            return Err(Error::InvalidSeqlens(format!(
+                "{name} decreases at {b}: {} -> {}",
+                w[0], w[1]
+            )));
         }
         max = max.max((w[1] - w[0]) as usize);
     }
@@ -73,11 +79,17 @@ impl VarlenSeqlens {
         for (b, &used) in seqused_k.iter().enumerate() {
             let cap = self.host_cu_k[b + 1] - self.host_cu_k[b];
             if used < 0 || used > cap {
-                return Err(Error::InvalidSeqlens(format!("seqused_k[{b}] = {used} is outside 0..={cap}")));
+                return Err(Error::InvalidSeqlens(format!(
+                    "seqused_k[{b}] = {used} is outside 0..={cap}"
+                )));
             }
         }
         self.max_k = seqused_k.iter().map(|&u| u as usize).max().unwrap_or(0);
-        self.seqused_k = Some(stream.clone_htod(seqused_k).map_err(Error::driver("uploading seqused_k"))?);
+        self.seqused_k = Some(
+            stream
+                .clone_htod(seqused_k)
+                .map_err(Error::driver("uploading seqused_k"))?,
+        );
         Ok(self)
     }
 

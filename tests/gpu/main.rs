@@ -11,11 +11,11 @@ mod errors;
 mod harness;
 mod support;
 
-use flashattn_aot::{
-    CausalAlign, Cell, DType, Direction, Family, KernelOverride, Mask, compiled_cells,
-};
+use flashattn_aot::{CausalAlign, Cell, DType, Direction, Family, KernelOverride, Mask, compiled_cells};
 use harness::Test;
-use support::{AlibiKind, Case, Gpu, HostElem, Storage, Which, check_vs_cpu, check_vs_gpu_reference};
+use support::{
+    AlibiKind, Case, Gpu, HostElem, Storage, Which, WhichBwd, check_bwd_vs_cpu, check_vs_cpu, check_vs_gpu_reference,
+};
 
 /// The semantic options every kernel must implement, applied to a base case.
 fn semantic_variants(base: &Case) -> Vec<(&'static str, Case)> {
@@ -26,56 +26,126 @@ fn semantic_variants(base: &Case) -> Vec<(&'static str, Case)> {
     };
     vec![
         ("plain", base.clone()),
-        ("causal_bottom_right", c(&|x| x.mask = Mask::Causal(CausalAlign::BottomRight))),
+        (
+            "causal_bottom_right",
+            c(&|x| x.mask = Mask::Causal(CausalAlign::BottomRight)),
+        ),
         ("causal_top_left", c(&|x| x.mask = Mask::Causal(CausalAlign::TopLeft))),
-        ("window_16_8", c(&|x| x.mask = Mask::Window { left: Some(16), right: Some(8), align: CausalAlign::BottomRight })),
-        ("window_left_only_top_left", c(&|x| x.mask = Mask::Window { left: Some(40), right: None, align: CausalAlign::TopLeft })),
-        ("window_right_only", c(&|x| x.mask = Mask::Window { left: None, right: Some(3), align: CausalAlign::BottomRight })),
-        ("sink_tokens_window", c(&|x| {
-            x.mask = Mask::Window { left: Some(20), right: Some(0), align: CausalAlign::BottomRight };
-            x.sink_tokens = 5;
-        })),
-        ("sink_tokens_wide", c(&|x| {
-            x.mask = Mask::Window { left: Some(7), right: Some(0), align: CausalAlign::TopLeft };
-            x.sink_tokens = 70;
-        })),
-        ("sink_logits_causal", c(&|x| {
-            x.mask = Mask::Causal(CausalAlign::BottomRight);
-            x.sink_logits = true;
-        })),
+        (
+            "window_16_8",
+            c(&|x| {
+                x.mask = Mask::Window {
+                    left: Some(16),
+                    right: Some(8),
+                    align: CausalAlign::BottomRight,
+                }
+            }),
+        ),
+        (
+            "window_left_only_top_left",
+            c(&|x| {
+                x.mask = Mask::Window {
+                    left: Some(40),
+                    right: None,
+                    align: CausalAlign::TopLeft,
+                }
+            }),
+        ),
+        (
+            "window_right_only",
+            c(&|x| {
+                x.mask = Mask::Window {
+                    left: None,
+                    right: Some(3),
+                    align: CausalAlign::BottomRight,
+                }
+            }),
+        ),
+        (
+            "sink_tokens_window",
+            c(&|x| {
+                x.mask = Mask::Window {
+                    left: Some(20),
+                    right: Some(0),
+                    align: CausalAlign::BottomRight,
+                };
+                x.sink_tokens = 5;
+            }),
+        ),
+        (
+            "sink_tokens_wide",
+            c(&|x| {
+                x.mask = Mask::Window {
+                    left: Some(7),
+                    right: Some(0),
+                    align: CausalAlign::TopLeft,
+                };
+                x.sink_tokens = 70;
+            }),
+        ),
+        (
+            "sink_logits_causal",
+            c(&|x| {
+                x.mask = Mask::Causal(CausalAlign::BottomRight);
+                x.sink_logits = true;
+            }),
+        ),
         ("alibi_per_head", c(&|x| x.alibi = AlibiKind::PerHead)),
-        ("alibi_per_batch_causal", c(&|x| {
-            x.alibi = AlibiKind::PerBatchHead;
-            x.mask = Mask::Causal(CausalAlign::BottomRight);
-        })),
+        (
+            "alibi_per_batch_causal",
+            c(&|x| {
+                x.alibi = AlibiKind::PerBatchHead;
+                x.mask = Mask::Causal(CausalAlign::BottomRight);
+            }),
+        ),
         ("softcap", c(&|x| x.softcap = Some(5.0))),
-        ("softcap_alibi_window", c(&|x| {
-            x.softcap = Some(2.0);
-            x.alibi = AlibiKind::PerHead;
-            x.mask = Mask::Window { left: Some(32), right: Some(32), align: CausalAlign::BottomRight };
-        })),
+        (
+            "softcap_alibi_window",
+            c(&|x| {
+                x.softcap = Some(2.0);
+                x.alibi = AlibiKind::PerHead;
+                x.mask = Mask::Window {
+                    left: Some(32),
+                    right: Some(32),
+                    align: CausalAlign::BottomRight,
+                };
+            }),
+        ),
         ("scale", c(&|x| x.scale = Some(0.3))),
         ("mha", c(&|x| x.heads_k = x.heads)),
         ("mqa", c(&|x| x.heads_k = 1)),
-        ("gqa4", c(&|x| {
-            x.heads = 8;
-            x.heads_k = 2;
-        })),
+        (
+            "gqa4",
+            c(&|x| {
+                x.heads = 8;
+                x.heads_k = 2;
+            }),
+        ),
         ("heads_major", c(&|x| x.storage = Storage::HeadsMajor)),
         ("padded_strides", c(&|x| x.storage = Storage::Padded)),
         ("no_lse", c(&|x| x.with_lse = false)),
-        ("varlen_causal", c(&|x| {
-            let (sq, sk) = (x.seqlen_q, x.seqlen_k);
-            x.varlen = Some((vec![sq / 3 + 1, 0, sq, 17], vec![sk / 2 + 3, 9, sk, 17]));
-            x.mask = Mask::Causal(CausalAlign::BottomRight);
-        })),
-        ("varlen_seqused_window", c(&|x| {
-            let (sq, sk) = (x.seqlen_q, x.seqlen_k);
-            x.varlen = Some((vec![sq, 5, 1], vec![sk + 10, 40, 8]));
-            x.seqused_k = Some(vec![sk, 33, 0]);
-            x.mask = Mask::Window { left: Some(24), right: Some(0), align: CausalAlign::TopLeft };
-            x.sink_tokens = 2;
-        })),
+        (
+            "varlen_causal",
+            c(&|x| {
+                let (sq, sk) = (x.seqlen_q, x.seqlen_k);
+                x.varlen = Some((vec![sq / 3 + 1, 0, sq, 17], vec![sk / 2 + 3, 9, sk, 17]));
+                x.mask = Mask::Causal(CausalAlign::BottomRight);
+            }),
+        ),
+        (
+            "varlen_seqused_window",
+            c(&|x| {
+                let (sq, sk) = (x.seqlen_q, x.seqlen_k);
+                x.varlen = Some((vec![sq, 5, 1], vec![sk + 10, 40, 8]));
+                x.seqused_k = Some(vec![sk, 33, 0]);
+                x.mask = Mask::Window {
+                    left: Some(24),
+                    right: Some(0),
+                    align: CausalAlign::TopLeft,
+                };
+                x.sink_tokens = 2;
+            }),
+        ),
     ]
 }
 
@@ -85,7 +155,13 @@ fn reference_tests<T: HostElem>(dtype: &str, tests: &mut Vec<Test<Gpu>>) {
             check_vs_cpu::<T>(g, &case, Which::Reference).map(|_| ())
         }));
     }
-    let shapes = [(1, 1, 64), (239, 1, 80), (113, 203, 40), (64, 257, 256), (1023, 1024, 128)];
+    let shapes = [
+        (1, 1, 64),
+        (239, 1, 80),
+        (113, 203, 40),
+        (64, 257, 256),
+        (1023, 1024, 128),
+    ];
     for (sq, sk, d) in shapes {
         for causal in [false, true] {
             let mut case = Case::new(sq, sk, d);
@@ -97,15 +173,40 @@ fn reference_tests<T: HostElem>(dtype: &str, tests: &mut Vec<Test<Gpu>>) {
             if causal {
                 case.mask = Mask::Causal(CausalAlign::BottomRight);
             }
-            let name = format!("reference::{dtype}::shape_{sq}x{sk}_d{d}{}", if causal { "_causal" } else { "" });
-            tests.push(Test::new(name, move |g| check_vs_cpu::<T>(g, &case, Which::Reference).map(|_| ())));
+            let name = format!(
+                "reference::{dtype}::shape_{sq}x{sk}_d{d}{}",
+                if causal { "_causal" } else { "" }
+            );
+            tests.push(Test::new(name, move |g| {
+                check_vs_cpu::<T>(g, &case, Which::Reference).map(|_| ())
+            }));
         }
+    }
+    // The reference backward against the CPU f64 backward (dense variants).
+    for (name, case) in semantic_variants(&Case::new(113, 203, 64)) {
+        if case.varlen.is_some() {
+            continue;
+        }
+        tests.push(Test::new(format!("reference_bwd::{dtype}::{name}"), move |g| {
+            check_bwd_vs_cpu::<T>(g, &case, WhichBwd::Reference)
+        }));
+    }
+    for (sq, sk, d) in [(1, 1, 64), (239, 1, 80), (64, 257, 256), (300, 300, 128)] {
+        let mut case = Case::new(sq, sk, d);
+        case.mask = Mask::Causal(CausalAlign::BottomRight);
+        tests.push(Test::new(
+            format!("reference_bwd::{dtype}::shape_{sq}x{sk}_d{d}_causal"),
+            move |g| check_bwd_vs_cpu::<T>(g, &case, WhichBwd::Reference),
+        ));
     }
 }
 
-/// The sm80-family path forced on this device (the tests run on H100s, where it is not the default).
-fn sm80() -> Which {
-    Which::Flash(KernelOverride { family: Some(Family::Sm80), ..Default::default() })
+/// The path of `family` forced on this device (the sm80 family is not the H100's default).
+fn forced(family: Family) -> Which {
+    Which::Flash(KernelOverride {
+        family: Some(family),
+        ..Default::default()
+    })
 }
 
 fn expect_cell(info: &flashattn_aot::FwdInfo, cell: &Cell) -> Result<(), String> {
@@ -118,10 +219,11 @@ fn expect_cell(info: &flashattn_aot::FwdInfo, cell: &Cell) -> Result<(), String>
 fn fwd_cell_tests<T: HostElem>(cell: Cell, has_ptx: bool, tests: &mut Vec<Test<Gpu>>) {
     let d = cell.head_dim as usize;
     let key = cell.key();
+    let fam = cell.family;
     // Every semantic option, small ragged shape, against the CPU reference.
     for (name, case) in semantic_variants(&Case::new(113, 203, d)) {
         tests.push(Test::new(format!("fwd::{key}::{name}"), move |g| {
-            let info = check_vs_cpu::<T>(g, &case, sm80())?;
+            let info = check_vs_cpu::<T>(g, &case, forced(fam))?;
             expect_cell(&info, &cell)
         }));
     }
@@ -138,28 +240,44 @@ fn fwd_cell_tests<T: HostElem>(cell: Cell, has_ptx: bool, tests: &mut Vec<Test<G
                 case.mask = Mask::Causal(CausalAlign::BottomRight);
             }
             let name = format!("fwd::{key}::shape_{sq}x{sk}{}", if causal { "_causal" } else { "" });
-            tests.push(Test::new(name, move |g| check_vs_cpu::<T>(g, &case, sm80()).map(|_| ())));
+            tests.push(Test::new(name, move |g| {
+                check_vs_cpu::<T>(g, &case, forced(fam)).map(|_| ())
+            }));
         }
     }
     // The smallest-smem tile (what sm_86/sm_89 run), forced on this device.
-    tests.push(Test::new(format!("fwd::{key}::tile_99kb"), move |g| {
-        let mut case = Case::new(113, 203, d);
-        case.mask = Mask::Causal(CausalAlign::BottomRight);
-        let which = Which::Flash(KernelOverride { family: Some(Family::Sm80), smem_limit: Some(99 * 1024), ..Default::default() });
-        let info = check_vs_cpu::<T>(g, &case, which)?;
-        let image = flashattn_aot::DISPATCH_TABLE.get(&cell).unwrap().1;
-        let entry = image.kernels.iter().find(|k| k.symbol == info.symbol).unwrap();
-        if entry.smem_bytes > 99 * 1024 {
-            return Err(format!("{} uses {} bytes", info.symbol, entry.smem_bytes));
-        }
-        Ok(())
-    }));
+    if fam == Family::Sm80 {
+        tests.push(Test::new(format!("fwd::{key}::tile_99kb"), move |g| {
+            let mut case = Case::new(113, 203, d);
+            case.mask = Mask::Causal(CausalAlign::BottomRight);
+            let which = Which::Flash(KernelOverride {
+                family: Some(Family::Sm80),
+                smem_limit: Some(99 * 1024),
+                ..Default::default()
+            });
+            let info = check_vs_cpu::<T>(g, &case, which)?;
+            let image = flashattn_aot::DISPATCH_TABLE.get(&cell).unwrap().1;
+            let entry = image.kernels.iter().find(|k| k.symbol == info.symbol).unwrap();
+            if entry.smem_bytes > 99 * 1024 {
+                return Err(format!("{} uses {} bytes", info.symbol, entry.smem_bytes));
+            }
+            Ok(())
+        }));
+    }
     // The compute_80 PTX image through the driver JIT (what sm_100/sm_120 run).
     if has_ptx {
         tests.push(Test::new(format!("fwd::{key}::ptx_jit"), move |g| {
             let mut case = Case::new(113, 203, d);
-            case.mask = Mask::Window { left: Some(30), right: Some(0), align: CausalAlign::BottomRight };
-            let which = Which::Flash(KernelOverride { family: Some(Family::Sm80), force_ptx: true, ..Default::default() });
+            case.mask = Mask::Window {
+                left: Some(30),
+                right: Some(0),
+                align: CausalAlign::BottomRight,
+            };
+            let which = Which::Flash(KernelOverride {
+                family: Some(Family::Sm80),
+                force_ptx: true,
+                ..Default::default()
+            });
             let info = check_vs_cpu::<T>(g, &case, which)?;
             if !info.jit_ptx {
                 return Err("the PTX image was not used".into());
@@ -177,14 +295,14 @@ fn fwd_cell_tests<T: HostElem>(cell: Cell, has_ptx: bool, tests: &mut Vec<Test<G
             continue;
         }
         tests.push(Test::new(format!("fwd::{key}::large_{name}"), move |g| {
-            check_vs_gpu_reference::<T>(g, &case, sm80(), 3.0).map(|_| ())
+            check_vs_gpu_reference::<T>(g, &case, forced(fam), 3.0).map(|_| ())
         }));
     }
     let mut big_varlen = large.clone();
     big_varlen.varlen = Some((vec![4224, 1000, 3000], vec![4224, 3000, 1000]));
     big_varlen.mask = Mask::Causal(CausalAlign::BottomRight);
     tests.push(Test::new(format!("fwd::{key}::large_varlen_causal"), move |g| {
-        check_vs_gpu_reference::<T>(g, &big_varlen, sm80(), 3.0).map(|_| ())
+        check_vs_gpu_reference::<T>(g, &big_varlen, forced(fam), 3.0).map(|_| ())
     }));
     for (h, hk) in [(8, 8), (8, 2), (8, 1)] {
         let mut case = Case::new(2048, 2048, d);
@@ -192,7 +310,7 @@ fn fwd_cell_tests<T: HostElem>(cell: Cell, has_ptx: bool, tests: &mut Vec<Test<G
         case.heads = h;
         case.heads_k = hk;
         tests.push(Test::new(format!("fwd::{key}::gqa_{h}_{hk}"), move |g| {
-            check_vs_gpu_reference::<T>(g, &case, sm80(), 3.0).map(|_| ())
+            check_vs_gpu_reference::<T>(g, &case, forced(fam), 3.0).map(|_| ())
         }));
     }
 }
@@ -203,7 +321,7 @@ fn main() {
     reference_tests::<half::f16>("f16", &mut tests);
     for img in compiled_cells() {
         let cell = img.cell;
-        if cell.family != Family::Sm80 || cell.direction != Direction::Fwd {
+        if cell.family == Family::Reference || cell.direction != Direction::Fwd {
             continue;
         }
         match cell.dtype {

@@ -5,8 +5,8 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use flashattn_aot::reference::cpu::{self, Align, LowPrecision, Problem};
 use flashattn_aot::reference::{reference_fwd, reference_fwd_varlen};
 use flashattn_aot::{
-    Alibi, AttnElement, CausalAlign, DeviceInfo, FwdInfo, FwdOptions, FwdTensors, KernelOverride, Layout, Mask, Tensor,
-    TensorMut, VarlenSeqlens, device_count, device_info, driver_present, flash_fwd, flash_fwd_varlen, open_device,
+    Alibi, AttnElement, CausalAlign, FwdInfo, FwdOptions, FwdTensors, KernelOverride, Layout, Mask, Tensor, TensorMut,
+    VarlenSeqlens, device_count, device_info, driver_present, flash_fwd, flash_fwd_varlen, open_device,
 };
 use std::sync::Arc;
 
@@ -14,7 +14,6 @@ pub struct Gpu {
     #[allow(dead_code)]
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
-    pub info: DeviceInfo,
 }
 
 /// The device, or the reason the GPU tests are reported as ignored.
@@ -30,7 +29,8 @@ pub fn setup() -> Result<Gpu, String> {
     let ctx = open_device(0).map_err(|e| e.to_string())?;
     let stream = ctx.default_stream();
     let info = device_info(&stream).map_err(|e| e.to_string())?;
-    Ok(Gpu { ctx, stream, info })
+    println!("device: {} {:?}", ctx.name().unwrap_or_default(), info);
+    Ok(Gpu { ctx, stream })
 }
 
 /// Host conversions of the element types.
@@ -141,7 +141,11 @@ impl Case {
 
     fn layout(&self, rows: usize, heads: usize) -> Layout {
         let d = self.head_dim;
-        let (b, s) = if self.varlen.is_some() { (1, rows) } else { (self.batch, rows) };
+        let (b, s) = if self.varlen.is_some() {
+            (1, rows)
+        } else {
+            (self.batch, rows)
+        };
         match self.storage {
             Storage::Contiguous => Layout::contiguous(b, s, heads, d),
             Storage::HeadsMajor => Layout::heads_major(b, s, heads, d),
@@ -167,7 +171,10 @@ impl Case {
             head_dim: self.head_dim,
             seqlens_q: sq,
             seqlens_k: sk_used,
-            scale: self.scale.map(|s| s as f64).unwrap_or(1.0 / (self.head_dim as f64).sqrt()),
+            scale: self
+                .scale
+                .map(|s| s as f64)
+                .unwrap_or(1.0 / (self.head_dim as f64).sqrt()),
             softcap: self.softcap.unwrap_or(0.0) as f64,
             window_left: left.map_or(-1, |x| x as i64),
             window_right: right.map_or(-1, |x| x as i64),
@@ -291,9 +298,15 @@ pub fn prepare<T: HostElem>(gpu: &Gpu, case: &Case) -> Result<Inputs<T>, String>
     let q_layout = case.layout(q_rows, case.heads);
     let kv_layout = case.layout(k_rows, case.heads_k);
     let s = &gpu.stream;
-    let q_dev = s.clone_htod(&scatter::<T>(&q, &q_layout, rows_per_batch_q)).map_err(e)?;
-    let k_dev = s.clone_htod(&scatter::<T>(&k, &kv_layout, rows_per_batch_k)).map_err(e)?;
-    let v_dev = s.clone_htod(&scatter::<T>(&v, &kv_layout, rows_per_batch_k)).map_err(e)?;
+    let q_dev = s
+        .clone_htod(&scatter::<T>(&q, &q_layout, rows_per_batch_q))
+        .map_err(e)?;
+    let k_dev = s
+        .clone_htod(&scatter::<T>(&k, &kv_layout, rows_per_batch_k))
+        .map_err(e)?;
+    let v_dev = s
+        .clone_htod(&scatter::<T>(&v, &kv_layout, rows_per_batch_k))
+        .map_err(e)?;
     let seqlens = match &case.varlen {
         Some((lq, lk)) => {
             let cu = |l: &[usize]| {
@@ -320,7 +333,22 @@ pub fn prepare<T: HostElem>(gpu: &Gpu, case: &Case) -> Result<Inputs<T>, String>
         Some(sl) => Some(s.clone_htod(sl).map_err(e)?),
         None => None,
     };
-    Ok(Inputs { problem, q, k, v, q_dev, k_dev, v_dev, q_layout, kv_layout, seqlens, alibi, sinks, total_q, rows_per_batch_q })
+    Ok(Inputs {
+        problem,
+        q,
+        k,
+        v,
+        q_dev,
+        k_dev,
+        v_dev,
+        q_layout,
+        kv_layout,
+        seqlens,
+        alibi,
+        sinks,
+        total_q,
+        rows_per_batch_q,
+    })
 }
 
 /// Runs `which` on poisoned (NaN) outputs and returns them packed.
@@ -401,10 +429,29 @@ pub fn run<T: HostElem>(gpu: &Gpu, case: &Case, inp: &Inputs<T>, which: Which) -
 pub fn check_vs_cpu<T: HostElem>(gpu: &Gpu, case: &Case, which: Which) -> Result<FwdInfo, String> {
     let inp = prepare::<T>(gpu, case)?;
     let got = run(gpu, case, &inp, which)?;
-    let r = cpu::forward(&inp.problem, &inp.q, &inp.k, &inp.v);
-    let (base_o, base_lse) = cpu::forward_lowp(&inp.problem, &inp.q, &inp.k, &inp.v, T::PREC);
-    let ctx = || format!("{} via {}\ncase: {}", which_name(which), got.info.symbol, case.describe());
-    cpu::check_close("O", &got.o, &r.o, &base_o, cpu::atol_for(T::PREC, &r.o)).map_err(|m| format!("{m}\n{}", ctx()))?;
+    // The CPU references take only the keys each sequence uses.
+    let (k, v) = match (&case.varlen, &case.seqused_k) {
+        (Some((_, cap)), Some(used)) => {
+            let row = case.heads_k * case.head_dim;
+            (
+                cpu::keep_used_rows(&inp.k, cap, used, row),
+                cpu::keep_used_rows(&inp.v, cap, used, row),
+            )
+        }
+        _ => (inp.k.clone(), inp.v.clone()),
+    };
+    let r = cpu::forward(&inp.problem, &inp.q, &k, &v);
+    let (base_o, base_lse) = cpu::forward_lowp(&inp.problem, &inp.q, &k, &v, T::PREC);
+    let ctx = || {
+        format!(
+            "{} via {}\ncase: {}",
+            which_name(which),
+            got.info.symbol,
+            case.describe()
+        )
+    };
+    cpu::check_close("O", &got.o, &r.o, &base_o, cpu::atol_for(T::PREC, &r.o))
+        .map_err(|m| format!("{m}\n{}", ctx()))?;
     if let Some(lse) = &got.lse {
         cpu::check_close("LSE", lse, &r.lse, &base_lse, 1e-4).map_err(|m| format!("{m}\n{}", ctx()))?;
     }
@@ -444,4 +491,120 @@ fn which_name(w: Which) -> &'static str {
 /// Reads a device buffer's bits (for "nothing was written" checks).
 pub fn bits<T: HostElem>(stream: &Arc<CudaStream>, buf: &CudaSlice<T>) -> Vec<u16> {
     stream.clone_dtoh(buf).unwrap().into_iter().map(|x| x.bits()).collect()
+}
+
+/// Which backward implementation a check runs.
+#[derive(Clone, Copy, Debug)]
+pub enum WhichBwd {
+    #[allow(dead_code)]
+    Flash {
+        deterministic: bool,
+    },
+    Reference,
+}
+
+/// Runs the GPU reference forward (for O and LSE), then `which` backward on poisoned gradients,
+/// and checks dq, dk, dv (and dsink) against the f64 CPU backward with FlashAttention's rule.
+pub fn check_bwd_vs_cpu<T: HostElem>(gpu: &Gpu, case: &Case, which: WhichBwd) -> Result<(), String> {
+    use flashattn_aot::reference::reference_bwd;
+    use flashattn_aot::{BwdOptions, BwdTensors, flash_bwd};
+    if case.varlen.is_some() || case.seqused_k.is_some() {
+        return Err("check_bwd_vs_cpu takes dense cases".into());
+    }
+    let s = &gpu.stream;
+    let inp = prepare::<T>(gpu, case)?;
+    let mut rng = cpu::Rng::new(case.seed ^ 0xd0);
+    let dout = cpu::randn_plus_half(&mut rng, inp.q.len(), T::PREC);
+    let dout_dev = s
+        .clone_htod(&scatter::<T>(&dout, &inp.q_layout, inp.rows_per_batch_q))
+        .map_err(e)?;
+    let n_q = inp.q_layout.extent().unwrap();
+    let n_k = inp.kv_layout.extent().unwrap();
+    let mut out = s.clone_htod(&vec![T::from_f32(f32::NAN); n_q]).map_err(e)?;
+    let mut lse = s.clone_htod(&vec![f32::NAN; case.heads * inp.total_q]).map_err(e)?;
+    let mut opts = FwdOptions::new().mask(case.mask).sink_tokens(case.sink_tokens);
+    if let Some(sc) = case.scale {
+        opts = opts.softmax_scale(sc);
+    }
+    if let Some(c) = case.softcap {
+        opts = opts.softcap(c);
+    }
+    if let Some(a) = &inp.alibi {
+        opts = opts.alibi(match case.alibi {
+            AlibiKind::PerBatchHead => Alibi::PerBatchHead(a),
+            _ => Alibi::PerHead(a),
+        });
+    }
+    if let Some(sl) = &inp.sinks {
+        opts = opts.sink_logits(sl);
+    }
+    reference_fwd(
+        s,
+        FwdTensors {
+            q: Tensor::new(&inp.q_dev, inp.q_layout),
+            k: Tensor::new(&inp.k_dev, inp.kv_layout),
+            v: Tensor::new(&inp.v_dev, inp.kv_layout),
+            out: TensorMut::new(&mut out, inp.q_layout),
+            lse: Some(&mut lse),
+        },
+        &opts,
+    )
+    .map_err(e)?;
+    let mut dq = s.clone_htod(&vec![T::from_f32(f32::NAN); n_q]).map_err(e)?;
+    let mut dk = s.clone_htod(&vec![T::from_f32(f32::NAN); n_k]).map_err(e)?;
+    let mut dv = s.clone_htod(&vec![T::from_f32(f32::NAN); n_k]).map_err(e)?;
+    let mut dsink = s.clone_htod(&vec![f32::NAN; case.heads]).map_err(e)?;
+    let t = BwdTensors {
+        q: Tensor::new(&inp.q_dev, inp.q_layout),
+        k: Tensor::new(&inp.k_dev, inp.kv_layout),
+        v: Tensor::new(&inp.v_dev, inp.kv_layout),
+        out: Tensor::new(&out, inp.q_layout),
+        dout: Tensor::new(&dout_dev, inp.q_layout),
+        lse: &lse,
+        dq: TensorMut::new(&mut dq, inp.q_layout),
+        dk: TensorMut::new(&mut dk, inp.kv_layout),
+        dv: TensorMut::new(&mut dv, inp.kv_layout),
+        dsink: if inp.sinks.is_some() { Some(&mut dsink) } else { None },
+    };
+    let info = match which {
+        WhichBwd::Reference => reference_bwd(s, t, &BwdOptions::new(opts)),
+        WhichBwd::Flash { deterministic } => flash_bwd(s, t, &BwdOptions::new(opts).deterministic(deterministic)),
+    }
+    .map_err(|err| format!("backward launch failed: {err}"))?;
+    s.synchronize()
+        .map_err(|err| format!("backward kernel failed: {err}"))?;
+    let rows_k = case.seqlen_k;
+    let got_dq = gather(
+        &s.clone_dtoh(&dq).map_err(e)?,
+        &inp.q_layout,
+        inp.total_q,
+        inp.rows_per_batch_q,
+    );
+    let got_dk = gather(
+        &s.clone_dtoh(&dk).map_err(e)?,
+        &inp.kv_layout,
+        case.batch * rows_k,
+        rows_k.max(1),
+    );
+    let got_dv = gather(
+        &s.clone_dtoh(&dv).map_err(e)?,
+        &inp.kv_layout,
+        case.batch * rows_k,
+        rows_k.max(1),
+    );
+    let r = cpu::backward(&inp.problem, &inp.q, &inp.k, &inp.v, &dout);
+    let (bq, bk, bv, bsink) = cpu::backward_lowp(&inp.problem, &inp.q, &inp.k, &inp.v, &dout, T::PREC);
+    let ctx = || format!("{which:?} via {}\ncase: {}", info.symbol, case.describe());
+    for (name, got, want, base) in [
+        ("dq", &got_dq, &r.dq, &bq),
+        ("dk", &got_dk, &r.dk, &bk),
+        ("dv", &got_dv, &r.dv, &bv),
+    ] {
+        cpu::check_close(name, got, want, base, cpu::atol_for(T::PREC, want)).map_err(|m| format!("{m}\n{}", ctx()))?;
+    }
+    if let (Some(want), Some(base)) = (&r.dsink, &bsink) {
+        let got: Vec<f32> = s.clone_dtoh(&dsink).map_err(e)?;
+        cpu::check_close("dsink", &got, want, base, cpu::atol_f32(want)).map_err(|m| format!("{m}\n{}", ctx()))?;
+    }
+    Ok(())
 }

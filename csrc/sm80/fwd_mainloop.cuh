@@ -1,0 +1,377 @@
+// Building blocks of the sm80-family forward main loop: the shared-memory layout, the cp.async
+// tile copy (global -> padded smem rows, zero-filling ragged rows) and the two warp-level GEMMs
+// (S = Q K^T from smem, O += P V with P straight from registers).
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+
+#include "common/mask.cuh"
+#include "common/ptx.cuh"
+#include "common/softmax.cuh"
+#include "sm80/fwd_tile.cuh"
+
+namespace fa {
+namespace sm80 {
+
+// Rows of D elements stored with a pitch of D + 8 elements. The pitch is an odd number of
+// 16-byte chunks, so the 8 row addresses of one ldmatrix phase (and 8 consecutive cp.async
+// chunks) fall in 8 distinct 16-byte bank groups: conflict-free without a swizzle.
+template <class T, int D>
+struct PaddedRows {
+    static constexpr int kPitchBytes = (D + 8) * static_cast<int>(sizeof(T));
+    static_assert(sizeof(T) == 2, "padded rows hold 16-bit elements (8 per 16-byte chunk)");
+    static_assert((kPitchBytes / 16) % 2 == 1 && kPitchBytes % 16 == 0,
+                  "the row pitch must be an odd number of 16-byte chunks to keep ldmatrix conflict-free");
+};
+
+// Dynamic shared memory of one forward thread block (byte offsets):
+//   q: [BM][D + 8]                   the block's queries; later each warp's output staging area
+//   k: [S][BN][D + 8]                K pipeline stages
+//   v: [S][BN][D + 8]                V pipeline stages
+// src/cells.rs `sm80_fwd_smem_bytes` computes the same total: BM * pitch + 2 * S * BN * pitch.
+//
+// The 16-byte pad that ends each row is never touched by the tile copy, ldmatrix or the
+// epilogue; the pads of Q rows 0..3 hold the block's FwdWalkState (four 16-byte lines).
+template <class T, int D, int BM, int BN, int S>
+struct FwdSmem {
+    static constexpr int kPitchBytes = PaddedRows<T, D>::kPitchBytes;
+    static constexpr int kQBytes = BM * kPitchBytes;
+    static constexpr int kKvStageBytes = BN * kPitchBytes;
+    static constexpr int kQOffset = 0;
+    static constexpr int kKOffset = kQOffset + kQBytes;
+    static constexpr int kVOffset = kKOffset + S * kKvStageBytes;
+    static constexpr int kBytes = kVOffset + S * kKvStageBytes;
+    static constexpr int kStateLines = 4;
+    static constexpr int kStateOffset = kQOffset + D * static_cast<int>(sizeof(T));  // pad of Q row 0
+    static_assert(kPitchBytes - D * static_cast<int>(sizeof(T)) == 16 && BM >= kStateLines,
+                  "the walk state needs the 16-byte pads of 4 Q rows");
+};
+
+// Cooperative copy of a ROWS x D tile from global rows (any row stride, last dim contiguous,
+// 16-byte aligned row starts) into padded smem rows, one 16-byte cp.async per chunk.
+//
+// Thread layout: kThreadsPerRow threads share a row (the largest power of two dividing the
+// row's chunk count, so it also divides the block size), each copying kChunksPerThreadRow chunks
+// strided by kThreadsPerRow; kRowsPerPass rows per pass. Every cp.async instruction of a warp
+// then covers whole 32-byte sectors (adjacent lanes take adjacent chunks), and all per-chunk
+// offsets are compile-time immediates off one smem address, one global pointer and one row
+// index per thread (nothing per chunk stays live in registers).
+template <class T, int ROWS, int D, int THREADS>
+struct GmemToSmemTile {
+    static constexpr int kPitchBytes = PaddedRows<T, D>::kPitchBytes;
+    static constexpr int kElemsPerChunk = 16 / static_cast<int>(sizeof(T));
+    static constexpr int kChunksPerRow = D / kElemsPerChunk;
+    static constexpr int kThreadsPerRow = kChunksPerRow & -kChunksPerRow;  // lowest set bit
+    static constexpr int kChunksPerThreadRow = kChunksPerRow / kThreadsPerRow;
+    static constexpr int kRowsPerPass = THREADS / kThreadsPerRow;
+    static constexpr int kPasses = ROWS / kRowsPerPass;
+    static_assert(D % kElemsPerChunk == 0, "a row must be a whole number of 16-byte cp.async chunks");
+    static_assert(THREADS % kThreadsPerRow == 0, "the threads of a row must tile the block");
+    static_assert(ROWS % kRowsPerPass == 0, "every thread must copy the same number of rows of a tile");
+
+    // Copies rows [0, rows_valid) of the tile starting at `gmem` and zero-fills rows
+    // [rows_valid, ROWS) (their source is never read). Needs rows_valid >= 1: row 0's address
+    // stands in as the (unread) source of the zero-filled chunks. kAllRowsValid: the caller
+    // knows rows_valid >= ROWS, no predicates.
+    template <bool kAllRowsValid = false>
+    __device__ __forceinline__ static void issue(uint32_t smem_tile, const T* gmem, int64_t row_stride,
+                                                 int rows_valid, int tid) {
+        const int row = tid / kThreadsPerRow;
+        const int col_chunk = tid % kThreadsPerRow;
+        // Opaque stride: the per-pass offsets below are recomputed at each call instead of being
+        // hoisted out of the KV loop as kPasses live 64-bit registers per tensor.
+        const int64_t stride = ptx::opaque_i64(row_stride);
+        const uint32_t smem_thread = smem_tile + row * kPitchBytes + col_chunk * 16;
+        const T* gmem_thread = gmem + row * stride + col_chunk * kElemsPerChunk;
+        const int64_t pass_stride = kRowsPerPass * stride;
+        const int rows_left = rows_valid - row;  // pass i is valid iff i * kRowsPerPass < rows_left
+#pragma unroll
+        for (int i = 0; i < kPasses; ++i) {
+            const bool valid = kAllRowsValid || i * kRowsPerPass < rows_left;
+            const T* src_row = valid ? gmem_thread + i * pass_stride : gmem;
+#pragma unroll
+            for (int j = 0; j < kChunksPerThreadRow; ++j) {
+                ptx::cp_async_cg_16(smem_thread + i * kRowsPerPass * kPitchBytes + j * kThreadsPerRow * 16,
+                                    src_row + j * kThreadsPerRow * kElemsPerChunk, valid);
+            }
+        }
+    }
+};
+
+// Per-lane byte offsets of ldmatrix x4 row addresses inside a padded tile (lane i addresses row
+// i % 8 of matrix i / 8; see common/ptx.cuh for the fragment layouts).
+template <int PITCH>
+struct LdmatrixLane {
+    // A operand, a 16x16 row-major block: matrices (rows 0-7 | 8-15) x (cols 0-7 | 8-15), column-major order.
+    __device__ __forceinline__ static uint32_t a_x4(int lane) { return (lane % 16) * PITCH + (lane / 16) * 16; }
+    // B operand from a row-major [n][k] tile (K): matrices (k 0-7, k 8-15) of n-tile 0, then of n-tile 1.
+    __device__ __forceinline__ static uint32_t b_x4(int lane) {
+        return ((lane % 8) + 8 * (lane / 16)) * PITCH + ((lane / 8) % 2) * 16;
+    }
+    // B operand from a row-major [k][n] tile (V) through .trans: matrices (k 0-7, k 8-15) of n-tile 0, then n-tile 1.
+    __device__ __forceinline__ static uint32_t bt_x4(int lane) {
+        return ((lane % 8) + 8 * ((lane / 8) % 2)) * PITCH + (lane / 16) * 16;
+    }
+};
+
+// s[MT][NT] += Q_warp (16*MT x D) * K_tile^T (D x 8*NT), both from padded smem.
+// q_lane / k_lane: this lane's ldmatrix addresses (tile start + LdmatrixLane::a_x4 / b_x4).
+template <class T, int MT, int NT, int D, int PITCH>
+__device__ __forceinline__ void warp_gemm_qk(float (&s)[MT][NT][4], uint32_t q_lane, uint32_t k_lane) {
+    static_assert(D % 16 == 0 && NT % 2 == 0, "Q K^T walks k-steps of 16 and loads K n-tiles in pairs");
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t q_frag[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) ptx::ldmatrix_x4(q_frag[mt], q_lane + mt * 16 * PITCH + kk * 32);
+        // One K n-tile pair at a time: its fragments feed all MT m-tiles and then die, which keeps
+        // 4 registers of K live instead of 2 * NT.
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+            uint32_t r[4];
+            ptx::ldmatrix_x4(r, k_lane + np * 16 * PITCH + kk * 32);
+            const uint32_t k_frag0[2] = {r[0], r[1]};
+            const uint32_t k_frag1[2] = {r[2], r[3]};
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                ptx::mma_m16n8k16_f32<T>(s[mt][2 * np], q_frag[mt], k_frag0);
+                ptx::mma_m16n8k16_f32<T>(s[mt][2 * np + 1], q_frag[mt], k_frag1);
+            }
+        }
+    }
+}
+
+// o[MT][DT] += P (16*MT x 8*NT, fp32 accumulator fragments, converted here) * V_tile (8*NT x 8*DT).
+// The accumulator layout of two adjacent n8 tiles of P is exactly the A layout of one k16 step,
+// so P never leaves registers. v_lane: tile start + LdmatrixLane::bt_x4.
+template <class T, int MT, int NT, int DT, int PITCH>
+__device__ __forceinline__ void warp_gemm_pv(float (&o)[MT][DT][4], const float (&p)[MT][NT][4], uint32_t v_lane) {
+    static_assert(NT % 2 == 0 && DT % 2 == 0, "P V walks k-steps of 16 keys and loads V d-tiles in pairs");
+#pragma unroll
+    for (int kk = 0; kk < NT / 2; ++kk) {
+        uint32_t p_frag[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            p_frag[mt][0] = ptx::pack_f32x2<T>(p[mt][2 * kk][0], p[mt][2 * kk][1]);          // row g,   keys 2t..
+            p_frag[mt][1] = ptx::pack_f32x2<T>(p[mt][2 * kk][2], p[mt][2 * kk][3]);          // row g+8, keys 2t..
+            p_frag[mt][2] = ptx::pack_f32x2<T>(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);  // row g,   keys 2t+8..
+            p_frag[mt][3] = ptx::pack_f32x2<T>(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);  // row g+8, keys 2t+8..
+        }
+#pragma unroll
+        for (int dp = 0; dp < DT / 2; ++dp) {
+            uint32_t r[4];
+            ptx::ldmatrix_x4_trans(r, v_lane + kk * 16 * PITCH + dp * 32);
+            const uint32_t v_frag0[2] = {r[0], r[1]};
+            const uint32_t v_frag1[2] = {r[2], r[3]};
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                ptx::mma_m16n8k16_f32<T>(o[mt][2 * dp], p_frag[mt], v_frag0);
+                ptx::mma_m16n8k16_f32<T>(o[mt][2 * dp + 1], p_frag[mt], v_frag1);
+            }
+        }
+    }
+}
+
+}  // namespace sm80
+}  // namespace fa
+
+// ---- the pipelined KV walk ---------------------------------------------------------------------
+
+namespace fa {
+namespace sm80 {
+
+// The block-uniform state of the KV walk. Thread 0 writes it to shared memory (the Q row pads,
+// see FwdSmem) before the walk; every step re-reads it after its barrier. With O and S taking
+// most of the 255 registers, the ~20 scalars below held across the loop would make ptxas spill;
+// re-reading them costs four LDS.128 per step.
+template <class T>
+struct FwdWalkState {
+    const T* k;         // [sk, d] row 0 of this (sequence, kv head), row stride p.k_row_stride
+    const T* v;         // [sk, d] row stride p.v_row_stride
+    FwdKvPlan plan;     // which KV blocks, in which order, which masked
+    Mask mask;          // sizes and bounds (sk, diagonal, window, sinks)
+    int m_begin;        // the block's first query row in the sequence
+    float alibi_slope;  // 0 without ALiBi
+
+    // The walk of query rows [m_begin, m_begin + rows_valid) of `tile` over key blocks of BN.
+    template <int BN>
+    __device__ __forceinline__ static FwdWalkState make(const FaParams& p, const FwdTile<T>& tile, int m_begin,
+                                                        int rows_valid) {
+        FwdWalkState st;
+        st.k = tile.k;
+        st.v = tile.v;
+        st.mask = Mask::make(p, tile.seqlen_q, tile.seqlen_k);
+        st.plan = st.mask.template fwd_kv_plan<BN>(m_begin, m_begin + rows_valid - 1);
+        st.m_begin = m_begin;
+        st.alibi_slope = ScoreMod::load_alibi_slope(p, tile.batch, tile.head);
+        return st;
+    }
+};
+
+// The forward main loop of one thread block: W warps, each owning BM / W query rows (split-Q, no
+// cross-warp reduction), walking the KV blocks of a FwdKvPlan through an S-stage cp.async ring.
+//
+// Pipeline (one cp.async group per walk step, one barrier per step):
+//   prologue: group 0 = Q + the KV block of step 0; groups 1 .. S-2 = steps 1 .. S-2.
+//   step t:   wait until group t has landed (wait_group S-2) and barrier; then issue the block of
+//             step t+S-1 into stage (t+S-1) % S = (t-1) % S, which every warp finished in step
+//             t-1 (the barrier proves it); commit (possibly empty, so group index == step index);
+//             then S = Q K^T, score mods, mask, online softmax, O += P V on stage t % S.
+template <class T, int D, int BM, int BN, int W, int S>
+struct FwdMainloop {
+    static constexpr int kThreads = W * 32;
+    static constexpr int kWarpRows = BM / W;
+    static constexpr int kMT = kWarpRows / 16;  // m16 tiles per warp
+    static constexpr int kNT = BN / 8;          // n8 key tiles per step
+    static constexpr int kDT = D / 8;           // n8 tiles of O over the head dim
+    using Smem = FwdSmem<T, D, BM, BN, S>;
+    static constexpr int kPitch = Smem::kPitchBytes;
+    using QCopy = GmemToSmemTile<T, BM, D, kThreads>;
+    using KvCopy = GmemToSmemTile<T, BN, D, kThreads>;
+    using Lane = LdmatrixLane<kPitch>;
+    using State = FwdWalkState<T>;
+    static_assert(S >= 2, "the ring needs >= 2 stages: block t+S-1 loads while block t computes");
+    static_assert(sizeof(State) == 16 * Smem::kStateLines, "the walk state fills exactly its smem lines");
+
+    const FaParams& p;
+    unsigned char* smem;  // the dynamic shared memory (generic pointer into the shared window)
+
+    __device__ __forceinline__ FwdMainloop(const FaParams& params, unsigned char* dynamic_smem)
+        : p(params), smem(dynamic_smem) {}
+
+    __device__ __forceinline__ uint32_t smem_base() const { return ptx::smem_u32addr(smem); }
+    __device__ __forceinline__ static int stage_of(int t) { return static_cast<int>(static_cast<unsigned>(t) % S); }
+
+    // ---- walk state in the Q row pads ----
+    __device__ __forceinline__ uint4* state_line(int i) const {
+        return reinterpret_cast<uint4*>(smem + Smem::kStateOffset + i * kPitch);
+    }
+    // One thread writes; the first step's barrier publishes it.
+    __device__ __forceinline__ void store_state(const State& st) const {
+        uint4 lines[Smem::kStateLines];
+        memcpy(lines, &st, sizeof(State));
+#pragma unroll
+        for (int i = 0; i < Smem::kStateLines; ++i) *state_line(i) = lines[i];
+    }
+    // Plain loads: the compiler drops the lines a step does not use, and cannot hoist them out
+    // of the loop past its barrier.
+    __device__ __forceinline__ State load_state() const {
+        uint4 lines[Smem::kStateLines];
+#pragma unroll
+        for (int i = 0; i < Smem::kStateLines; ++i) lines[i] = *state_line(i);
+        State st;
+        memcpy(&st, lines, sizeof(State));
+        return st;
+    }
+
+    // K and V of KV block n into ring stage `stage`; keys >= sk are zero-filled (zero V rows
+    // keep P V finite where P is 0). kFullBlock: the caller knows the block holds BN keys.
+    template <bool kFullBlock>
+    __device__ __forceinline__ void load_kv(const State& st, int n_block, int stage) const {
+        const int tid = ptx::thread_idx_x();
+        const int rows_valid = st.mask.seqlen_k - n_block * BN;
+        const int64_t row0 = static_cast<int64_t>(n_block) * BN;
+        const uint32_t stage_offset = static_cast<uint32_t>(stage) * Smem::kKvStageBytes;
+        KvCopy::template issue<kFullBlock>(smem_base() + Smem::kKOffset + stage_offset, st.k + row0 * p.k_row_stride,
+                                           p.k_row_stride, rows_valid, tid);
+        KvCopy::template issue<kFullBlock>(smem_base() + Smem::kVOffset + stage_offset, st.v + row0 * p.v_row_stride,
+                                           p.v_row_stride, rows_valid, tid);
+    }
+
+    // Publishes the walk state and starts the ring: Q rows [0, rows_valid) of the block (row 0
+    // at q; the rest zero-filled) and the blocks of the first S-1 walk steps. Loads nothing when
+    // the walk is empty, so that the epilogue may reuse Q's smem at once.
+    __device__ __forceinline__ void prologue(const State& st, const T* q, int rows_valid) const {
+        const int tid = ptx::thread_idx_x();
+        if (tid == 0) store_state(st);
+        const int num_blocks = st.plan.num_blocks();
+        if (num_blocks > 0) QCopy::issue(smem_base() + Smem::kQOffset, q, p.q_row_stride, rows_valid, tid);
+#pragma unroll
+        for (int t = 0; t < S - 1; ++t) {
+            if (t < num_blocks) load_kv</*kFullBlock=*/false>(st, st.plan.block_at(t), t);
+            ptx::cp_async_commit_group();
+        }
+    }
+
+    // What the walk does after a step; derived from the smem state, so that not even the trip
+    // counts occupy registers across the loop.
+    enum class Next { kDone, kMaskedStep, kUnmaskedStep };
+    __device__ __forceinline__ static Next next_after(int t, const FwdKvPlan& plan) {
+        if (t + 1 >= plan.num_blocks()) return Next::kDone;
+        return t + 1 < plan.num_masked() ? Next::kMaskedStep : Next::kUnmaskedStep;
+    }
+    __device__ __forceinline__ static Next first_step(const FwdKvPlan& plan) { return next_after(-1, plan); }
+
+    // Walk step t: sync the ring, refill it, and fold KV block plan.block_at(t) into O.
+    // kMasked: the block needs the element mask (t < plan.num_masked()); unmasked steps only
+    // refill unmasked blocks, which hold BN keys each, so their loads need no bound either.
+    template <bool kMasked, class Softmax>
+    __device__ __forceinline__ Next step(int t, float (&o)[kMT][kDT][4], Softmax& softmax) const {
+        // Group t (block t, and Q at t = 0) has landed for this thread ...
+        ptx::cp_async_wait_group<S - 2>();
+        // ... and for every thread; every warp has left step t-1, whose stage is refilled below;
+        // and (at t = 0) the walk state is published.
+        __syncthreads();
+        const State st = load_state();
+        const int t_fill = t + S - 1;
+        if (t_fill < st.plan.num_blocks()) {
+            const int n_fill = kMasked ? st.plan.block_at(t_fill) : st.plan.unmasked_block_at(t_fill);
+            load_kv</*kFullBlock=*/!kMasked>(st, n_fill, stage_of(t_fill));
+        }
+        // Always commit (maybe an empty group) so that group index == walk step for wait_group.
+        ptx::cp_async_commit_group();
+        compute<kMasked>(t, kMasked ? st.plan.block_at(t) : st.plan.unmasked_block_at(t), st, o, softmax);
+        // Re-read rather than keep the plan live across the step's register peak.
+        return next_after(t, load_state().plan);
+    }
+
+    // Keys per softmax chunk. Where O + S would take ~190 of the 255 registers (d = 128 with
+    // 32 rows per warp), a step walks its block in two halves (S of BN / 2 keys): the loads,
+    // the barrier and the prefetch distance stay those of the full block, and the step fits.
+    static constexpr int kChunkN = (kMT * kDT * 4 + kMT * kNT * 4 > 160 && BN % 32 == 0) ? BN / 2 : BN;
+
+    // The math of walk step t on KV block n_block: S = Q K^T, score mods, mask (kMasked),
+    // online softmax, O += P V, in chunks of kChunkN keys. Lane-derived addresses and indices are recomputed from %tid
+    // (cheap) rather than held in registers across the loop.
+    template <bool kMasked, class Softmax>
+    __device__ __forceinline__ void compute(int t, int n_block, const State& st, float (&o)[kMT][kDT][4],
+                                            Softmax& softmax) const {
+        constexpr int kChunkNT = kChunkN / 8;
+        static_assert(BN % kChunkN == 0 && kChunkN % 16 == 0, "a chunk is whole k16 steps of P V");
+        const int tid = ptx::thread_idx_x();
+        const int warp = tid / 32, lane = tid % 32;
+        const uint32_t stage_offset = static_cast<uint32_t>(stage_of(t)) * Smem::kKvStageBytes;
+        const uint32_t q_lane = smem_base() + Smem::kQOffset + warp * kWarpRows * kPitch + Lane::a_x4(lane);
+        const uint32_t k_lane = smem_base() + Smem::kKOffset + stage_offset + Lane::b_x4(lane);
+        const uint32_t v_lane = smem_base() + Smem::kVOffset + stage_offset + Lane::bt_x4(lane);
+        // Sequence row / key column of this lane's fragment element [0][0][0].
+        const int row0 = st.m_begin + warp * kWarpRows + lane / 4;
+        const int col0 = n_block * BN + 2 * (lane % 4);
+        const ScoreMod mod(p, st.alibi_slope, st.mask.diag);
+
+        // Not unrolled: each chunk's S = Q K^T must not overlap the previous chunk's P V, or the
+        // two sets of scores are live at once and the split buys nothing.
+#pragma unroll 1
+        for (int chunk = 0; chunk < BN / kChunkN; ++chunk) {
+            float s[kMT][kChunkNT][4];  // [16*kMT rows][kChunkN keys] scores
+#pragma unroll
+            for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < kChunkNT; ++nt)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) s[mt][nt][i] = 0.f;
+            warp_gemm_qk<T, kMT, kChunkNT, D, kPitch>(s, q_lane, k_lane + chunk * kChunkN * kPitch);
+
+            const int chunk_col0 = col0 + chunk * kChunkN;
+            if (mod.active()) mod.apply(s, row0, chunk_col0);
+            if constexpr (kMasked) st.mask.apply(s, row0, chunk_col0);
+            softmax.online_softmax(s, o);
+
+            warp_gemm_pv<T, kMT, kChunkNT, kDT, kPitch>(o, s, v_lane + chunk * kChunkN * kPitch);
+        }
+    }
+};
+
+}  // namespace sm80
+}  // namespace fa

@@ -1,0 +1,155 @@
+// FlashAttention-3-class forward kernel for sm_90a (H100 / H200): TMA loads through tensor maps,
+// mbarrier pipelines, wgmma (SS for Q.K^T, RS for P.V), a producer warp plus 2 or 3 consumer
+// warpgroups with setmaxnreg rebalancing, ping-pong between the consumer warpgroups,
+// intra-warpgroup overlap of softmax with the next GEMM, a persistent longest-first tile
+// scheduler, causal / window / sink-token block skipping, O written through shared memory.
+//
+// This file only composes: mainloop.cuh (producer loads, consumer GEMMs + softmax),
+// epilogue.cuh (O / LSE stores), scheduler.cuh (tiles and KV block ranges).
+//
+// ================================ launch contract ================================================
+// Instantiation (one line per tile of `sm90_fwd_tiles(d)`, src/cells.rs):
+//     FA_SM90_FWD_KERNEL(fa_sm90_fwd_{dtype}_hd{D}_m{BM}n{BN}w{W}s{S}, T, D, BM, BN, W, S, SMEM)
+// with SMEM = sm90_fwd_smem_bytes(D, dtype, tile) (static_asserted against SharedLayout here).
+//
+// Kernel:
+//     extern "C" __global__ void __launch_bounds__(W * 32, 1)
+//     NAME(const __grid_constant__ FaParams p, const __grid_constant__ CUtensorMap tma_q,
+//          const __grid_constant__ CUtensorMap tma_k, const __grid_constant__ CUtensorMap tma_v,
+//          const __grid_constant__ CUtensorMap tma_o)
+// Grid:  (min(num_sms, total_tiles), 1, 1), total_tiles = ceil(p.seqlen_q / BM) * p.num_heads
+//        * p.batch (p.seqlen_q: the max over sequences for varlen). Persistent: the kernel walks
+//        its tiles itself (static round-robin, L2 sections, longest first); p.semaphore unused.
+// Block: W * 32 threads = one producer warpgroup + BM / 64 consumer warpgroups.
+// Dynamic shared memory: SMEM bytes (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES set to it).
+// Plain cuLaunchKernel, cluster size 1.
+// Tensor maps (src/sm90_tma.rs, `encode_fwd_tensor_maps`): rank 5, innermost first
+//     dims    (PW, rows, D / PW, heads, batch)          PW = swizzle bytes / 2 (layout.cuh)
+//     strides (row_stride, PW, head_stride, batch_stride) x sizeof(T) bytes
+//     box     (PW, 64 [Q, O] or BN [K, V], D / PW, 1, 1), swizzle 128 / 64 / 32 B for PW = 64 / 32 / 16
+//     rows = seqlen_q / seqlen_k (dense, batch = p.batch) or total_q / total_k (varlen, batch 1)
+// The kernel issues box coordinates (0, row, 0, head, batch) with row = q_row0 + i (varlen: the
+// global row cu_seqlens[b] + i, batch coordinate 0).
+// ================================================================================================
+#pragma once
+
+#include <cuda.h>
+#include <stdint.h>
+
+#include "common/params.h"
+#include "sm90/epilogue.cuh"
+#include "sm90/layout.cuh"
+#include "sm90/mainloop.cuh"
+#include "sm90/mask.cuh"
+#include "sm90/pipeline.cuh"
+#include "sm90/ptx.cuh"
+#include "sm90/scheduler.cuh"
+#include "sm90/softmax.cuh"
+
+namespace fa::sm90 {
+
+// Register split (65536 per SM): the producer warpgroup keeps the minimum, the consumers take
+// the rest. 2 consumer WGs: 128 x 24 + 256 x 240 = 64512; 3: 128 x 32 + 384 x 160 = 65536.
+template <int CONSUMER_WGS>
+struct RegisterSplit {
+    static constexpr uint32_t kProducer = CONSUMER_WGS == 2 ? 24 : 32;
+    static constexpr uint32_t kConsumer = CONSUMER_WGS == 2 ? 240 : 160;
+    static_assert(128 * kProducer + 128 * CONSUMER_WGS * kConsumer <= 65536, "the register file holds 64K registers");
+};
+
+template <typename T, int D, int BM, int BN, int W, int STAGES, int SMEM>
+__device__ __forceinline__ void fwd_kernel(const FaParams& p, const CUtensorMap* tma_q, const CUtensorMap* tma_k,
+                                           const CUtensorMap* tma_v, const CUtensorMap* tma_o) {
+    using Layout = SharedLayout<T, D, BM, BN, STAGES>;
+    using ML = Mainloop<T, D, BM, BN, STAGES>;
+    using Epi = Epilogue<T, D, BM, BN>;
+    using Work = TileWork<BM, BN>;
+    using Regs = RegisterSplit<BM / 64>;
+    constexpr int kConsumerWGs = BM / 64;
+    static_assert(W == 4 * (kConsumerWGs + 1), "W = 4 warps of the producer warpgroup + 4 per consumer warpgroup (BM / 64)");
+    static_assert(SMEM == static_cast<int>(Layout::kSmemBytes),
+                  "SMEM (src/cells.rs sm90_fwd_smem_bytes) disagrees with SharedLayout (csrc/sm90/layout.cuh)");
+    static_assert(D * sizeof(T) % 32 == 0, "TMA rows and swizzle panels need the head dim in 32-byte units");
+
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+    // Align the base to the 1024-byte swizzle period (SharedLayout reserves the slack).
+    uint32_t const raw_addr = smem_addr(smem_raw);
+    uint32_t const pad = (1024u - (raw_addr & 1023u)) & 1023u;
+    typename ML::Smem const sm{smem_raw + pad, raw_addr + pad};
+    typename ML::Bars const bars{sm.addr + Layout::kBarrierOffset};
+
+    int const warp = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / 32, 0);  // warp-uniform
+    int const warpgroup = warp / 4;
+
+    if (threadIdx.x == 0) bars.init(kConsumerWGs);
+    // Every thread must see initialised barriers before its first wait or arrive.
+    __syncthreads();
+
+    if (warpgroup == 0) {
+        // ---- producer warpgroup: warp 0 issues every TMA load, warps 1..3 only give back
+        // their registers ----
+        setmaxnreg_dec<Regs::kProducer>();
+        if (warp == 0) {
+            TileScheduler<BM> const sched(p, 2 * D * static_cast<int>(sizeof(T)));
+            bool const leader = elect_one();
+            if (leader) {
+                tma_prefetch_descriptor(tma_q);
+                tma_prefetch_descriptor(tma_k);
+                tma_prefetch_descriptor(tma_v);
+                tma_prefetch_descriptor(tma_o);
+            }
+            typename ML::Producer producer;
+#pragma unroll 1
+            for (int t = sched.first(); sched.valid(t); t = sched.next(t)) {
+                Work const w(p, sched.coord(t));
+                if (!w.has_rows() || w.blocks.count() == 0) continue;  // the consumers skip it too
+                producer.load_tile(p, tma_q, tma_k, tma_v, sm, bars, w, leader);
+            }
+        }
+    } else {
+        // ---- consumer warpgroups ----
+        setmaxnreg_inc<Regs::kConsumer>();
+        TileScheduler<BM> const sched(p, 2 * D * static_cast<int>(sizeof(T)));
+        int const cwg = warpgroup - 1;
+        int const thread_in_wg = static_cast<int>(threadIdx.x) % 128;
+        typename ML::Consumer consumer(cwg);
+        consumer.turn_start();
+#pragma unroll 1
+        for (int t = sched.first(); sched.valid(t); t = sched.next(t)) {
+            Work const w(p, sched.coord(t));
+            if (!w.has_rows()) continue;
+            if (w.blocks.count() == 0) {
+                Epi::store_zero(p, w, cwg, thread_in_wg);
+                continue;
+            }
+            OnlineSoftmax<BN> softmax;
+            float o[D / 2];
+            consumer.mma_tile(p, w, sm, bars, ScoreMod(p, w.coord.batch, w.coord.head), softmax, o);
+
+            // The epilogue re-derives the tile from t rather than keeping it in registers through
+            // the main loop (register pressure: the loop holds S, P and O).
+            Work const we(p, sched.coord(t));
+            bool const has_sink = p.sink_logits != nullptr;
+            float const sink_logit = has_sink ? p.sink_logits[we.coord.head] : 0.0f;
+            float o_scale[2];
+            float lse[2];
+            softmax.finalize(ScoreMod::exp2_scale_of(p), has_sink, sink_logit, o_scale, lse);
+            ML::Consumer::rescale(o, o_scale);
+            Epi::store(p, tma_o, we, cwg, thread_in_wg, sm.generic(sm.q_slab(cwg)), sm.q_slab(cwg), bars.q_empty(), o,
+                       lse);
+        }
+        // The last TMA stores of O must have landed before the CTA retires.
+        if (thread_in_wg == 0) tma_store_wait_all();
+    }
+}
+
+}  // namespace fa::sm90
+
+// One kernel of the sm90 forward family (see the launch contract above).
+#define FA_SM90_FWD_KERNEL(NAME, T, D, BM, BN, W, S, SMEM)                                                   \
+    extern "C" __global__ void __launch_bounds__((W) * 32, 1)                                                \
+        NAME(const __grid_constant__ FaParams p, const __grid_constant__ CUtensorMap tma_q,                  \
+             const __grid_constant__ CUtensorMap tma_k, const __grid_constant__ CUtensorMap tma_v,           \
+             const __grid_constant__ CUtensorMap tma_o) {                                                    \
+        ::fa::sm90::fwd_kernel<T, D, BM, BN, W, S, SMEM>(p, &tma_q, &tma_k, &tma_v, &tma_o);                 \
+    }

@@ -1,0 +1,203 @@
+// Work decomposition of the sm90 forward kernel: the persistent tile scheduler, the per-sequence
+// lengths, and the range of KV blocks a query tile visits (causal / window / sink tokens).
+//
+// Producer and consumers evaluate exactly the same functions on the same params, so they agree
+// on every tile, every block and every skipped tile without talking to each other.
+#pragma once
+
+#include <stdint.h>
+
+#include "common/params.h"
+
+namespace fa::sm90 {
+
+__device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// One work tile: BM query rows of one (batch, head).
+struct TileCoord {
+    int m_block;
+    int head;
+    int batch;
+};
+
+// Static persistent scheduler. Grid = min(#SMs, total tiles); CTA c takes tiles c, c + grid, ...
+//
+// Order: (batch, head) pairs are cut into L2 sections of `section_hb` pairs whose K and V fit
+// in kL2Budget bytes together; inside a section tiles run m-block by m-block, from the last
+// m-block down (longest first: with a causal or right-bounded window the last query rows see
+// the most keys), all pairs of the section for each m-block. So the CTAs that run at the same
+// time share K/V in L2, and the short tiles come last.
+template <int BM>
+struct TileScheduler {
+    static constexpr int kL2Budget = 32 << 20;  // FA3's choice for H100's 50 MB L2
+
+    int num_m_blocks;
+    int num_heads;
+    int num_hb;
+    int section_hb;
+    int total;
+
+    __device__ TileScheduler(const FaParams& p, int kv_bytes_per_key) {
+        num_m_blocks = ceil_div(p.seqlen_q, BM);
+        num_heads = p.num_heads;
+        num_hb = p.num_heads * p.batch;
+        total = num_m_blocks * num_hb;
+        // (batch, head) pairs whose K and V fit the budget together (32-bit: keys per budget first).
+        int section = (kL2Budget / kv_bytes_per_key) / (p.seqlen_k > 0 ? p.seqlen_k : 1);
+        section = section < 1 ? 1 : section;
+        section_hb = section < num_hb ? section : (num_hb > 0 ? num_hb : 1);
+    }
+
+    __device__ __forceinline__ int first() const { return static_cast<int>(blockIdx.x); }
+    __device__ __forceinline__ int next(int t) const { return t + static_cast<int>(gridDim.x); }
+    __device__ __forceinline__ bool valid(int t) const { return t < total; }
+
+    __device__ TileCoord coord(int t) const {
+        int const section_tiles = section_hb * num_m_blocks;
+        int const section = t / section_tiles;
+        int const in_section = t - section * section_tiles;
+        int const hb0 = section * section_hb;
+        int const hb_here = num_hb - hb0 < section_hb ? num_hb - hb0 : section_hb;
+        int const m_rank = in_section / hb_here;
+        int const hb = hb0 + (in_section - m_rank * hb_here);
+        int const batch = hb / num_heads;
+        return TileCoord{num_m_blocks - 1 - m_rank, hb - batch * num_heads, batch};
+    }
+};
+
+// Lengths and row offsets of batch entry b (docs/semantics.md: sk_b honours seqused_k).
+struct SeqInfo {
+    int sq;         // query rows of this sequence
+    int sk;         // keys of this sequence (seqused_k[b] when given)
+    int q_row0;     // first row of the sequence in the TMA row coordinate (varlen: cu_seqlens_q[b])
+    int k_row0;     // likewise for K/V
+    int tma_batch;  // batch coordinate of the TMA boxes (dense: b; varlen: 0)
+    int diag;       // query row i sits at key position i + diag (bottom-right: sk - sq)
+
+    __device__ SeqInfo(const FaParams& p, int b) {
+        if (p.flags & FA_FLAG_VARLEN) {
+            q_row0 = p.cu_seqlens_q[b];
+            sq = p.cu_seqlens_q[b + 1] - q_row0;
+            k_row0 = p.cu_seqlens_k[b];
+            sk = p.seqused_k != nullptr ? p.seqused_k[b] : p.cu_seqlens_k[b + 1] - k_row0;
+            tma_batch = 0;
+        } else {
+            q_row0 = 0;
+            sq = p.seqlen_q;
+            k_row0 = 0;
+            sk = p.seqused_k != nullptr ? p.seqused_k[b] : p.seqlen_k;
+            tma_batch = b;
+        }
+        diag = p.causal_align == FA_ALIGN_BOTTOM_RIGHT ? sk - sq : 0;
+    }
+};
+
+// The blocks of one warpgroup's rows that need the mask: n >= right_from (keys at or past the
+// sequence end or the right bound of the first row) or n < left_below (keys before the left
+// bound of the last row, sink blocks included). Two integers per tile instead of the bounds.
+struct MaskSteps {
+    int right_from;
+    int left_below;
+
+    __device__ __forceinline__ bool needs(int n) const { return n >= right_from || n < left_below; }
+};
+
+// The visibility rule of docs/semantics.md (applied by apply_mask, mask.cuh) with window bounds
+// clamped per sequence so that no sum below overflows 32 bits (a bound beyond sq + sk keys is the
+// same as no bound). Cheap to rebuild from the params wherever it is needed.
+struct MaskBounds {
+    int sk;
+    int diag;
+    int window_left;   // < 0: unbounded
+    int window_right;  // < 0: unbounded
+    int sink_tokens;   // keys j < sink_tokens ignore the left bound
+
+    __device__ __forceinline__ MaskBounds(const FaParams& p, const SeqInfo& s) {
+        int const cap = s.sq + s.sk;
+        sk = s.sk;
+        diag = s.diag;
+        window_left = p.window_left < 0 ? -1 : (p.window_left < cap ? p.window_left : cap);
+        window_right = p.window_right < 0 ? -1 : (p.window_right < cap ? p.window_right : cap);
+        sink_tokens = p.sink_tokens < s.sk ? p.sink_tokens : s.sk;  // keys past sk do not exist
+    }
+
+    // Rows [row_first, row_last] against blocks of block_n keys: a block needs the mask iff some
+    // (row, key) pair in it fails the rule.
+    __device__ __forceinline__ MaskSteps steps(int row_first, int row_last, int block_n) const {
+        int limit = sk;  // keys below `limit` are visible to every row as far as the right bound goes
+        if (window_right >= 0) {
+            int const r = row_first + diag + window_right + 1;
+            limit = r < limit ? r : limit;
+        }
+        int left_below = 0;
+        if (window_left >= 0) {
+            int const first = row_last + diag - window_left;  // keys from `first` on pass the left bound
+            left_below = first <= 0 ? 0 : ceil_div(first, block_n);
+        }
+        return MaskSteps{limit <= 0 ? 0 : limit / block_n, left_below};
+    }
+};
+
+// The KV blocks a query tile visits, as one descending sequence:
+//   window blocks  window_end - 1, ..., window_begin   (right bound / sequence end first: the
+//                                                       masked blocks come first, FA's order)
+//   then sink blocks sink_end - 1, ..., 0              (StreamingLLM sinks below the window)
+// sink_end <= window_begin, so no block is visited twice.
+template <int BM, int BN>
+struct KvBlocks {
+    int window_end;
+    int window_begin;
+    int sink_end;
+
+    __device__ __forceinline__ int count() const { return window_end - window_begin + sink_end; }
+
+    // k-th block of the sequence, k in [0, count()).
+    __device__ __forceinline__ int block(int k) const {
+        int const n_window = window_end - window_begin;
+        return k < n_window ? window_end - 1 - k : sink_end - 1 - (k - n_window);
+    }
+
+    // Rows [m_block * BM, min(m_block * BM + BM, sq)) with m_block * BM < sq.
+    __device__ static KvBlocks make(const MaskBounds& mb, int sq, int m_block) {
+        int const row_first = m_block * BM;
+        int const row_last = (row_first + BM < sq ? row_first + BM : sq) - 1;
+        int hi = ceil_div(mb.sk, BN);
+        if (mb.window_right >= 0) {
+            int const last_visible = row_last + mb.diag + mb.window_right;
+            int const hi_window = last_visible < 0 ? 0 : last_visible / BN + 1;
+            hi = hi_window < hi ? hi_window : hi;
+        }
+        int lo = 0;
+        if (mb.window_left >= 0) {
+            int const first_visible = row_first + mb.diag - mb.window_left;
+            lo = first_visible > 0 ? first_visible / BN : 0;
+        }
+        lo = lo < hi ? lo : hi;
+        int sink = 0;
+        if (mb.window_left >= 0 && mb.sink_tokens > 0) {
+            int const sink_blocks = ceil_div(mb.sink_tokens, BN);
+            sink = sink_blocks < lo ? sink_blocks : lo;
+        }
+        return KvBlocks{hi, lo, sink};
+    }
+};
+
+// Everything both roles derive from a tile coordinate.
+template <int BM, int BN>
+struct TileWork {
+    TileCoord coord;
+    int head_k;
+    SeqInfo seq;
+    KvBlocks<BM, BN> blocks;
+
+    __device__ TileWork(const FaParams& p, TileCoord c)
+        : coord(c), head_k(c.head / (p.num_heads / p.num_heads_k)), seq(p, c.batch), blocks{0, 0, 0} {
+        if (has_rows()) blocks = KvBlocks<BM, BN>::make(MaskBounds(p, seq), seq.sq, c.m_block);
+    }
+
+    // Tiles past the end of a (shorter, varlen) sequence have no rows: nothing to do or write.
+    __device__ __forceinline__ bool has_rows() const { return coord.m_block * BM < seq.sq; }
+    __device__ __forceinline__ int row_first() const { return coord.m_block * BM; }
+};
+
+}  // namespace fa::sm90

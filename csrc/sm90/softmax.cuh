@@ -1,0 +1,92 @@
+// Online softmax on the wgmma accumulator layout (see mask.cuh for the layout): each thread owns
+// two rows of the warpgroup's 64 x BN score tile, shared with the other 3 lanes of its quad.
+//
+// State per row: the running max m (score units, reduced over the quad) and a per-thread partial
+// row sum l in units of 2^(m * exp2_scale) (reduced over the quad only at the end, as in FA2/FA3).
+// A row that has seen only -inf keeps m = -inf; its exponent base is taken as 0 so that no
+// (-inf) - (-inf) NaN appears, and it finishes with l = 0 (O = 0, LSE = -inf or the sink logit).
+#pragma once
+
+#include <math.h>
+
+#include "sm90/mask.cuh"
+#include "sm90/ptx.cuh"
+
+namespace fa::sm90 {
+
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+template <int N>  // N = BN: the score tile has N / 2 floats per thread
+struct OnlineSoftmax {
+    static_assert(N % 16 == 0, "the score tile is a whole number of k16 steps of P.V");
+    float row_max[2];
+    float row_sum[2];
+
+    __device__ __forceinline__ void reset() {
+        row_max[0] = row_max[1] = -INFINITY;
+        row_sum[0] = row_sum[1] = 0.0f;
+    }
+
+    // Turns the scores s into p = 2^(s * f - m * f) with m the updated running max, and returns
+    // in o_scale the factor by which O (and the sums so far) must be rescaled: 2^((m_old - m) f).
+    __device__ __forceinline__ void update(float (&s)[N / 2], float f, float (&o_scale)[2]) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float m = row_max[h];
+#pragma unroll
+            for (int c = 0; c < N / 8; ++c) m = fmaxf(m, fmaxf(s[4 * c + 2 * h], s[4 * c + 2 * h + 1]));
+            m = quad_max(m);
+            float const m_base = m == -INFINITY ? 0.0f : m;
+            float const m_scaled = m_base * f;
+            o_scale[h] = ex2(row_max[h] * f - m_scaled);  // 0 when the old max was -inf
+            row_max[h] = m;
+            // Two partial sums: halves the dependent FADD chain.
+            float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+            for (int c = 0; c < N / 8; ++c) {
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    float& x = s[4 * c + 2 * h + i];
+                    x = ex2(fmaf(x, f, -m_scaled));
+                    sum[i] += x;
+                }
+            }
+            row_sum[h] = fmaf(row_sum[h], o_scale[h], sum[0] + sum[1]);
+        }
+    }
+
+    // Final normalisation: o_scale = 1 / Z (0 for a row with nothing in its denominator) and the
+    // natural-log LSE, where Z = sum of exp over visible keys + exp(sink_logit) when given.
+    __device__ __forceinline__ void finalize(float f, bool has_sink, float sink_logit, float (&o_scale)[2],
+                                             float (&lse)[2]) const {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float const sum = quad_sum(row_sum[h]);
+            float const m_log2 = row_max[h] == -INFINITY ? -INFINITY : row_max[h] * f;  // log2 units
+            if (has_sink) {
+                // Z = sum * 2^m_log2 + 2^sink_log2, computed around the larger exponent.
+                float const sink_log2 = sink_logit * kLog2e;
+                float const top = fmaxf(m_log2, sink_log2);
+                float const w_rows = ex2(m_log2 - top);
+                float const z = fmaf(sum, w_rows, ex2(sink_log2 - top));
+                bool const empty = top == -INFINITY;  // no visible key and a -inf sink logit
+                o_scale[h] = empty ? 0.0f : w_rows * rcp_approx(z);
+                lse[h] = empty ? -INFINITY : (top + lg2(z)) * kLn2;
+            } else {
+                bool const empty = sum == 0.0f || sum != sum;
+                o_scale[h] = empty ? 0.0f : rcp_approx(sum);
+                lse[h] = empty ? -INFINITY : (m_log2 + lg2(sum)) * kLn2;
+            }
+        }
+    }
+};
+
+}  // namespace fa::sm90
