@@ -22,6 +22,9 @@ struct Args {
     iters: usize,
     json: Option<String>,
     head_dims: Vec<usize>,
+    variant: Option<usize>,
+    seqlens: Option<Vec<usize>>,
+    causal: Option<bool>,
 }
 
 fn args() -> Args {
@@ -31,6 +34,9 @@ fn args() -> Args {
         iters: 30,
         json: None,
         head_dims: vec![64, 128, 256, 80, 96],
+        variant: None,
+        seqlens: None,
+        causal: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -45,6 +51,9 @@ fn args() -> Args {
             }
             "--iters" => a.iters = it.next().and_then(|v| v.parse().ok()).unwrap_or(30),
             "--json" => a.json = it.next(),
+            "--variant" => a.variant = it.next().and_then(|v| v.parse().ok()),
+            "--seqlens" => a.seqlens = it.next().map(|v| v.split(',').filter_map(|d| d.parse().ok()).collect()),
+            "--causal" => a.causal = it.next().map(|v| v == "1" || v == "true"),
             "--head-dims" => {
                 a.head_dims = it
                     .next()
@@ -79,21 +88,25 @@ fn main() {
         }
     };
     let stream = ctx.default_stream();
-    let seqlens: Vec<usize> = if a.quick {
-        vec![2048, 8192]
-    } else {
-        vec![512, 1024, 2048, 4096, 8192, 16384]
+    let seqlens: Vec<usize> = match (&a.seqlens, a.quick) {
+        (Some(s), _) => s.clone(),
+        (None, true) => vec![2048, 8192],
+        (None, false) => vec![512, 1024, 2048, 4096, 8192, 16384],
+    };
+    let causals: Vec<bool> = match a.causal {
+        Some(c) => vec![c],
+        None => vec![false, true],
     };
     let mut configs = Vec::new();
     for &d in &a.head_dims {
-        for causal in [false, true] {
+        for &causal in &causals {
             for &s in &seqlens {
                 configs.push((d, causal, s, 2048 / d, 2048 / d));
             }
         }
     }
     // GQA 32/8 (Llama-style), head dim 128.
-    for causal in [false, true] {
+    for &causal in causals.iter().filter(|_| a.head_dims.contains(&128)) {
         for &s in &seqlens {
             configs.push((128, causal, s, 32, 8));
         }

@@ -638,7 +638,20 @@ pub(crate) fn run_fwd<T: AttnElement>(
     let smem_limit = ov
         .smem_limit
         .map_or(info.max_smem_optin, |l| l.min(info.max_smem_optin));
-    let entry = choose_tile(&kref, smem_limit)?;
+    let entry = match ov.variant {
+        None => choose_tile(&kref, smem_limit)?,
+        Some(i) => kref
+            .image
+            .kernels
+            .get(i)
+            .filter(|k| k.smem_bytes <= smem_limit)
+            .ok_or_else(|| Error::NoKernel {
+                what: format!(
+                    "{}: tile variant {i} does not exist or does not fit {smem_limit} bytes",
+                    kref.key()
+                ),
+            })?,
+    };
     let m_blocks = dims.seqlen_q.div_ceil(entry.tile.block_m as usize);
     let geom = match kref.cell().family {
         Family::Reference => Geometry {

@@ -83,6 +83,9 @@ pub struct KernelOverride {
     pub smem_limit: Option<u32>,
     /// Load the compute_80 PTX image through the driver JIT instead of the SASS.
     pub force_ptx: bool,
+    /// Use this tile variant (index into the cell's kernel list, see [`crate::CellImage::kernels`])
+    /// instead of the first that fits; it must still fit the shared memory limit.
+    pub variant: Option<usize>,
 }
 
 /// Options of a forward call. Build with [`FwdOptions::new`] and the setters.

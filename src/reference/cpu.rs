@@ -818,17 +818,19 @@ fn magnitude(x: &[f64]) -> f64 {
 }
 
 /// The rounding quantum of `prec` at the reference's magnitude: the spacing of the dtype's numbers
-/// at `m = max|finite ref|` (floored at `2^-14`),
+/// at `m = max(max|finite ref|, 0.3)`,
 ///
 /// ```text
 /// atol = 2^(floor(log2 m) - mantissa_bits)     bf16: 2^-7 * 2^floor(log2 m),  fp16: 2^-10 * ...
 /// ```
 ///
 /// i.e. `2^-8` (bf16) or `2^-11` (fp16) times `m` rounded up to the next power of two (strictly
-/// above `m`). This is the size of FlashAttention's `(ref + 0.3 - 0.3 - ref).abs().max()` without
-/// its `0.3` floor: one unit in the last place of the largest output.
+/// above `m`). This is the size of FlashAttention's `(ref + 0.3 - 0.3 - ref).abs().max()`, 0.3
+/// floor included: one unit in the last place of the largest output, and never less than the
+/// quantum at 0.3, so an output whose exact value is ~0 (e.g. dq when every row sees one key) is
+/// not held to a tolerance below the rounding of the terms it is computed from.
 pub fn atol_for(prec: LowPrecision, reference: &[f64]) -> f64 {
-    binade(magnitude(reference)) * 2f64.powi(-prec.mantissa_bits())
+    binade(magnitude(reference).max(0.3)) * 2f64.powi(-prec.mantissa_bits())
 }
 
 /// A tolerance for f32 outputs such as LSE: 64 f32 units in the last place at `max|finite ref|`
@@ -1382,7 +1384,10 @@ mod tests {
         assert_eq!(atol_for(BF, &[2.0]), 2f64.powi(-6));
         assert_eq!(atol_for(BF, &[1.999]), 2f64.powi(-7));
         assert_eq!(atol_for(BF, &[f64::NEG_INFINITY, 0.5]), 2f64.powi(-8));
-        assert_eq!(atol_for(BF, &[]), 2f64.powi(-21));
+        // FlashAttention's 0.3 floor: the quantum at 0.3 (binade [0.25, 0.5)).
+        assert_eq!(atol_for(BF, &[]), 2f64.powi(-2 - 7));
+        assert_eq!(atol_for(BF, &[1e-6, -0.01]), 2f64.powi(-2 - 7));
+        assert_eq!(atol_for(LowPrecision::F16, &[0.0]), 2f64.powi(-2 - 10));
         assert_eq!(atol_f32(&[10.0]), 2f64.powi(3 - 17));
         // At least the rounding error of any value up to the magnitude.
         let mut rng = Rng::new(41);

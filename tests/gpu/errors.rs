@@ -66,9 +66,9 @@ fn expect_error(
     Ok(())
 }
 
-fn call<'a>(
+fn call(
     g: &Gpu,
-    b: &'a mut Bufs,
+    b: &mut Bufs,
     ql: Layout,
     kl: Layout,
     ol: Layout,
@@ -141,7 +141,7 @@ pub fn tests(tests: &mut Vec<Test<Gpu>>) {
             |g, b| {
                 let big = Layout::contiguous(B, S + 1, H, D);
                 let l = b.layout;
-                call(g, b, big, l, l, &FwdOptions::new())
+                call(g, b, big, l, big, &FwdOptions::new())
             },
             |e| matches!(e, Error::BufferTooSmall { tensor: "q", .. }),
         )

@@ -11,9 +11,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 /// One test: a name and a function that returns an error message on failure (or panics).
+/// A test body: returns an error message on failure (or panics).
+type Body<C> = Box<dyn Fn(&C) -> Result<(), String> + Send + Sync>;
+
 pub struct Test<C> {
     pub name: String,
-    pub run: Box<dyn Fn(&C) -> Result<(), String> + Send + Sync>,
+    pub run: Body<C>,
 }
 
 impl<C> Test<C> {
