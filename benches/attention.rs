@@ -7,11 +7,17 @@
 //!
 //! ```text
 //! cargo bench --bench attention -- [--quick] [--family sm80|auto] [--iters N] [--json out.json]
+//! cargo bench --bench attention -- --bwd [--deterministic] [...]
 //! ```
+//!
+//! `--bwd` times the backward (`flash_bwd`: its three kernels, workspace allocation included) on
+//! the outputs of one forward, and counts 2.5x the forward's FLOPs (FlashAttention's convention:
+//! five GEMMs of the forward's two). `--deterministic` runs it in deterministic mode.
 
 use cudarc::driver::sys::CUevent_flags;
 use flashattn_aot::{
-    CausalAlign, Family, FwdOptions, FwdTensors, KernelOverride, Layout, Tensor, TensorMut, flash_fwd, open_device,
+    BwdOptions, BwdTensors, CausalAlign, Family, FwdOptions, FwdTensors, KernelOverride, Layout, Tensor, TensorMut,
+    flash_bwd, flash_fwd, open_device,
 };
 use half::bf16;
 use std::io::Write;
@@ -25,6 +31,8 @@ struct Args {
     variant: Option<usize>,
     seqlens: Option<Vec<usize>>,
     causal: Option<bool>,
+    bwd: bool,
+    deterministic: bool,
 }
 
 fn args() -> Args {
@@ -37,11 +45,15 @@ fn args() -> Args {
         variant: None,
         seqlens: None,
         causal: None,
+        bwd: false,
+        deterministic: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
         match x.as_str() {
             "--quick" => a.quick = true,
+            "--bwd" => a.bwd = true,
+            "--deterministic" => a.deterministic = true,
             "--family" => {
                 a.family = match it.next().as_deref() {
                     Some("sm80") => Some(Family::Sm80),
@@ -111,75 +123,138 @@ fn main() {
             configs.push((128, causal, s, 32, 8));
         }
     }
-    // One random pool large enough for every config, reused (values in [-1, 1)).
+    // Independent random Q, K, V (values in [-1, 1)), large enough for every config, reused.
     let max_elems = 16384 * 32 * 128;
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let pool: Vec<bf16> = (0..max_elems)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            bf16::from_f32((state >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
-        })
-        .collect();
-    let q = stream.clone_htod(&pool).unwrap();
-    let k = stream.clone_htod(&pool).unwrap();
-    let v = stream.clone_htod(&pool).unwrap();
+    let random_pool = |seed: u64| -> Vec<bf16> {
+        let mut state = seed;
+        (0..max_elems)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                bf16::from_f32((state >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+            })
+            .collect()
+    };
+    let q = stream.clone_htod(&random_pool(0x2545_f491_4f6c_dd1d)).unwrap();
+    let k = stream.clone_htod(&random_pool(0x9e37_79b9_7f4a_7c15)).unwrap();
+    let v = stream.clone_htod(&random_pool(0xd1b5_4a32_d192_ed03)).unwrap();
     let mut out = stream.alloc_zeros::<bf16>(max_elems).unwrap();
+    // Backward buffers (only with --bwd): dO reuses the input pool.
+    let bwd_len = |n: usize| if a.bwd { n } else { 1 };
+    let mut lse = stream.alloc_zeros::<f32>(bwd_len(16384 * 32)).unwrap();
+    let mut dq = stream.alloc_zeros::<bf16>(bwd_len(max_elems)).unwrap();
+    let mut dk = stream.alloc_zeros::<bf16>(bwd_len(max_elems)).unwrap();
+    let mut dv = stream.alloc_zeros::<bf16>(bwd_len(max_elems)).unwrap();
     let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
     let stop = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
-    let mut rows = Vec::new();
-    println!(
-        "{:>5} {:>6} {:>6} {:>5} {:>5} {:>4} {:>9} {:>8}  kernel",
-        "hdim", "causal", "seqlen", "batch", "heads", "hk", "ms", "TFLOP/s"
-    );
-    for (d, causal, s, h, hk) in configs {
-        let b = 16384 / s;
-        let ql = Layout::contiguous(b, s, h, d);
-        let kl = Layout::contiguous(b, s, hk, d);
-        let mut opts = FwdOptions::new().kernel_override(KernelOverride {
-            family: a.family,
-            ..Default::default()
-        });
-        if causal {
-            opts = opts.causal(CausalAlign::BottomRight);
-        }
-        let mut run = || {
-            let t = FwdTensors {
-                q: Tensor::new(&q, ql),
-                k: Tensor::new(&k, kl),
-                v: Tensor::new(&v, kl),
-                out: TensorMut::new(&mut out, ql),
-                lse: None,
-            };
-            flash_fwd(&stream, t, &opts)
-        };
-        let info = match run() {
-            Ok(i) => i,
-            Err(e) => {
-                println!("{d:>5} {causal:>6} {s:>6}: {e}");
-                continue;
-            }
-        };
+    // Median of `iters` CUDA-event-timed calls after 3 warm-up calls.
+    let time_ms = |run: &mut dyn FnMut()| {
         for _ in 0..3 {
-            run().unwrap();
+            run();
         }
         let mut times = Vec::new();
         for _ in 0..a.iters {
             start.record(&stream).unwrap();
-            run().unwrap();
+            run();
             stop.record(&stream).unwrap();
             stop.synchronize().unwrap();
             times.push(start.elapsed_ms(&stop).unwrap() as f64);
         }
         times.sort_by(|x, y| x.partial_cmp(y).unwrap());
-        let ms = times[times.len() / 2];
-        let flops = 4.0 * (b * h * s * s * d) as f64 / if causal { 2.0 } else { 1.0 };
+        times[times.len() / 2]
+    };
+    let mut rows = Vec::new();
+    println!(
+        "{:>5} {:>6} {:>6} {:>5} {:>5} {:>4} {:>9} {:>8}  kernel{}",
+        "hdim",
+        "causal",
+        "seqlen",
+        "batch",
+        "heads",
+        "hk",
+        "ms",
+        "TFLOP/s",
+        if a.bwd { " (backward)" } else { "" }
+    );
+    for (d, causal, s, h, hk) in configs {
+        let b = 16384 / s;
+        let ql = Layout::contiguous(b, s, h, d);
+        let kl = Layout::contiguous(b, s, hk, d);
+        let over = KernelOverride {
+            family: a.family,
+            variant: a.variant,
+            ..Default::default()
+        };
+        let mut opts = FwdOptions::new();
+        if causal {
+            opts = opts.causal(CausalAlign::BottomRight);
+        }
+        let fwd_opts = opts.kernel_override(KernelOverride {
+            variant: if a.bwd { None } else { a.variant },
+            ..over
+        });
+        let mut fwd = |lse: Option<&mut cudarc::driver::CudaSlice<f32>>| {
+            let t = FwdTensors {
+                q: Tensor::new(&q, ql),
+                k: Tensor::new(&k, kl),
+                v: Tensor::new(&v, kl),
+                out: TensorMut::new(&mut out, ql),
+                lse: lse.map(|l| l as &mut dyn cudarc::driver::DevicePtrMut<f32>),
+            };
+            flash_fwd(&stream, t, &fwd_opts)
+        };
+        let fwd_flops = 4.0 * (b * h * s * s * d) as f64 / if causal { 2.0 } else { 1.0 };
+        let (ms, flops, symbol) = if a.bwd {
+            // One forward for O and LSE, then the timed backward.
+            if let Err(e) = fwd(Some(&mut lse)) {
+                println!("{d:>5} {causal:>6} {s:>6}: forward: {e}");
+                continue;
+            }
+            let bwd_opts = BwdOptions::new(opts)
+                .deterministic(a.deterministic)
+                .kernel_override(over);
+            let mut bwd = || {
+                let t = BwdTensors {
+                    q: Tensor::new(&q, ql),
+                    k: Tensor::new(&k, kl),
+                    v: Tensor::new(&v, kl),
+                    out: Tensor::new(&out, ql),
+                    dout: Tensor::new(&q, ql),
+                    lse: &lse,
+                    dq: TensorMut::new(&mut dq, ql),
+                    dk: TensorMut::new(&mut dk, kl),
+                    dv: TensorMut::new(&mut dv, kl),
+                    dsink: None,
+                };
+                flash_bwd(&stream, t, &bwd_opts)
+            };
+            let info = match bwd() {
+                Ok(i) => i,
+                Err(e) => {
+                    println!("{d:>5} {causal:>6} {s:>6}: {e}");
+                    continue;
+                }
+            };
+            let ms = time_ms(&mut || {
+                bwd().unwrap();
+            });
+            (ms, 2.5 * fwd_flops, info.symbol)
+        } else {
+            let info = match fwd(None) {
+                Ok(i) => i,
+                Err(e) => {
+                    println!("{d:>5} {causal:>6} {s:>6}: {e}");
+                    continue;
+                }
+            };
+            let ms = time_ms(&mut || {
+                fwd(None).unwrap();
+            });
+            (ms, fwd_flops, info.symbol)
+        };
         let tflops = flops / ms / 1e9;
-        println!(
-            "{d:>5} {causal:>6} {s:>6} {b:>5} {h:>5} {hk:>4} {ms:>9.3} {tflops:>8.1}  {}",
-            info.symbol
-        );
+        println!("{d:>5} {causal:>6} {s:>6} {b:>5} {h:>5} {hk:>4} {ms:>9.3} {tflops:>8.1}  {symbol}");
         std::io::stdout().flush().ok();
         rows.push(Row {
             hdim: d,
@@ -190,7 +265,7 @@ fn main() {
             heads_k: hk,
             ms,
             tflops,
-            symbol: info.symbol.to_string(),
+            symbol: symbol.to_string(),
         });
     }
     if let Some(path) = a.json {
@@ -198,8 +273,9 @@ fn main() {
         let mut js = format!("{{\n \"device\": {device:?},\n \"rows\": [\n");
         for (i, r) in rows.iter().enumerate() {
             js.push_str(&format!(
-                "  {{\"impl\": \"flashattn-aot\", \"hdim\": {}, \"causal\": {}, \"seqlen\": {}, \"batch\": {}, \"heads\": {}, \"heads_k\": {}, \"ms\": {:.4}, \"fwd_tflops\": {:.1}, \"kernel\": {:?}}}{}\n",
-                r.hdim, r.causal, r.seqlen, r.batch, r.heads, r.heads_k, r.ms, r.tflops, r.symbol,
+                "  {{\"impl\": \"flashattn-aot\", \"hdim\": {}, \"causal\": {}, \"seqlen\": {}, \"batch\": {}, \"heads\": {}, \"heads_k\": {}, \"ms\": {:.4}, \"{}\": {:.1}, \"deterministic\": {}, \"kernel\": {:?}}}{}\n",
+                r.hdim, r.causal, r.seqlen, r.batch, r.heads, r.heads_k, r.ms,
+                if a.bwd { "bwd_tflops" } else { "fwd_tflops" }, r.tflops, a.deterministic, r.symbol,
                 if i + 1 < rows.len() { "," } else { "" }
             ));
         }

@@ -4,6 +4,11 @@
 
 Usage (on the GPU machine, in the same session as the Rust benchmark):
     python3 benches/compare.py --ours ours.json [--quick] [--json combined.json]
+    python3 benches/compare.py --bwd --ours ours_bwd.json [...]   # backward
+
+--bwd times the backward: one forward with autograd, then
+torch.autograd.grad(out, (q, k, v), dout, retain_graph=True) per call, counted as 2.5x the
+forward's FLOPs (as `attention --bwd` counts ours).
 
 Same timing method as the Rust side: CUDA events around each call, warm-up, median of --iters.
 Same FLOP count: 4*b*h*sq*sk*d, halved for causal. Also measures the device's bf16 matmul rate
@@ -62,7 +67,9 @@ def main():
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--head-dims", default="64,128,256,80,96")
     ap.add_argument("--json", help="write the combined table here")
+    ap.add_argument("--bwd", action="store_true", help="time the backward (2.5x forward FLOPs)")
     a = ap.parse_args()
+    metric = "bwd_tflops" if a.bwd else "fwd_tflops"
 
     ours = {}
     device_ours = None
@@ -75,28 +82,37 @@ def main():
 
     dev = torch.cuda.get_device_name()
     mm = matmul_tflops(a.iters)
-    print(f"device: {dev} (ours measured on: {device_ours}); bf16 matmul 8192^3: {mm:.0f} TFLOP/s")
+    print(f"device: {dev} (ours measured on: {device_ours}); bf16 matmul 8192^3: {mm:.0f} TFLOP/s; "
+          f"{'backward' if a.bwd else 'forward'}")
     rows = []
     hdr = f"{'hdim':>4} {'causal':>6} {'seqlen':>6} {'h/hk':>6} {'ours':>7} {'FA2':>7} {'cuDNN':>7} {'ours/FA2':>8} {'ours/cuDNN':>10}"
     print(hdr)
     for d, causal, s, h, hk in configs(a.quick, [int(x) for x in a.head_dims.split(",")]):
         b = 16384 // s
-        q = torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(b, hk, s, d, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(b, hk, s, d, device="cuda", dtype=torch.bfloat16)
-        flops = 4 * b * h * s * s * d / (2 if causal else 1)
+        q = torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=a.bwd)
+        k = torch.randn(b, hk, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=a.bwd)
+        v = torch.randn(b, hk, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=a.bwd)
+        flops = 4 * b * h * s * s * d / (2 if causal else 1) * (2.5 if a.bwd else 1)
         row = {"hdim": d, "causal": causal, "seqlen": s, "batch": b, "heads": h, "heads_k": hk}
         for name, backend in BACKENDS.items():
             try:
                 with sdpa_kernel(backend):
-                    fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=hk != h)
+                    fwd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=hk != h)
+                    if a.bwd:
+                        out = fwd()
+                        dout = torch.randn_like(out)
+                        fn = lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+                    else:
+                        fn = fwd
                     ms = time_ms(fn, a.iters)
+                    if a.bwd:
+                        del out, dout
                 row[name] = flops / ms / 1e9
             except RuntimeError as e:  # backend refuses the shape
                 row[name] = None
                 row[name + "_error"] = str(e).splitlines()[0][:120]
         o = ours.get((d, causal, s, h, hk))
-        row["ours"] = o["fwd_tflops"] if o else None
+        row["ours"] = o.get(metric) if o else None
         rows.append(row)
 
         def f(x):
@@ -116,7 +132,8 @@ def main():
               f"min ours/FA2 = {min(o / f for o, f, _ in paired):.3f} over {len(paired)} cells")
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump({"device": dev, "matmul_tflops": mm, "rows": rows}, fh, indent=1)
+            json.dump({"device": dev, "matmul_tflops": mm, "direction": "bwd" if a.bwd else "fwd", "rows": rows}, fh,
+                      indent=1)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,32 @@
 //! The backward pass: `flash_bwd`, `flash_bwd_varlen`, and the GPU reference backward.
 //!
 //! Inputs: q, k, v, out, dout and the forward's LSE; outputs dq, dk, dv (and dsink with learnable
-//! sink logits). fp32 workspaces (dK/dV accumulators, the row dots `D = rowsum(dO * O)`) are
-//! allocated by the crate on the call's stream for each call (stream-ordered allocation, freed when
-//! the call returns and the stream reaches that point): `(2 * rows_k * heads_k * head_dim +
-//! heads * total_q) * 4` bytes for the reference path.
+//! sink logits). Three kernels run in stream order: a preprocess (`_dot`: D = rowsum(dO * O)), the
+//! main kernel (`_main`) and a postprocess (`_convert`). The fast path is the sm80 family
+//! (csrc/sm80/bwd.cuh) on every device, including H100 (the sm90 family has no backward).
+//!
+//! fp32 workspaces are allocated by the crate on the call's stream for each call
+//! (stream-ordered allocation, freed when the call returns and the stream reaches that point):
+//!
+//! - sm80 family, with `BM` the chosen tile's query block (`Tile::block_m`) and `R` the
+//!   workspace rows per head, `batch * ceil(seqlen_q / BM) * BM` (dense) or
+//!   `round_up(total_q, 16) + batch * (BM + 16)` (varlen, every sequence padded to whole blocks):
+//!   `8 * heads * R` bytes of row statistics (log2 LSE and D), `4 * heads * R * head_dim` bytes of
+//!   dQ accumulators, and in deterministic mode `4 * batch * heads * ceil(seqlen_q / BM)` bytes of
+//!   counters. dK and dV need none: a thread block sums its key block's gradients over the whole
+//!   GQA group in registers.
+//! - reference: `(2 * rows_k * heads_k * head_dim + heads * total_q) * 4` bytes.
+//!
+//! Determinism: with [`BwdOptions::deterministic`] each query block's dQ contributions are added
+//! in a fixed key-block order, so dq, dk, dv and dsink are bitwise identical across runs; without
+//! it dQ is accumulated with unordered fp32 reductions (dk, dv and dsink are deterministic in both
+//! modes).
 
 use crate::cells::{Cell, Direction, Family};
-use crate::dispatch::{DISPATCH_TABLE, not_compiled};
+use crate::dispatch::{DISPATCH_TABLE, KernelRef, not_compiled};
 use crate::error::{Error, Result};
 use crate::fwd::{self, Dims, Impl};
+use crate::kernels::KernelEntry;
 use crate::options::FwdOptions;
 use crate::params::FaParams;
 use crate::runtime::{self, Geometry};
@@ -64,6 +81,13 @@ impl<'a> BwdOptions<'a> {
     /// Bitwise-identical dq/dk/dv/dsink across runs (no order-dependent atomics), at some cost.
     pub fn deterministic(mut self, on: bool) -> Self {
         self.deterministic = on;
+        self
+    }
+
+    /// Forces a code path (tests, diagnosis): the forward options' override, which the backward
+    /// honours the same way (family, shared-memory limit, PTX image, tile variant).
+    pub fn kernel_override(mut self, o: crate::options::KernelOverride) -> Self {
+        self.fwd.kernel_override = o;
         self
     }
 }
@@ -183,49 +207,55 @@ pub(crate) fn run_bwd<T: AttnElement>(
     }
 
     let info = runtime::device_info(stream)?;
-    let cell = match imp {
-        Impl::Reference => Cell {
-            family: Family::Reference,
-            direction: Direction::Bwd,
-            dtype: T::DTYPE,
-            head_dim: 0,
-        },
+    let ov = opts.fwd.kernel_override;
+    let kref = match imp {
+        Impl::Reference => {
+            let cell = Cell {
+                family: Family::Reference,
+                direction: Direction::Bwd,
+                dtype: T::DTYPE,
+                head_dim: 0,
+            };
+            let (index, image, jit_ptx) = DISPATCH_TABLE
+                .serve(&cell, info.arch)
+                .ok_or_else(|| not_compiled(&cell, info.arch))?;
+            KernelRef {
+                image,
+                index,
+                routed_from: None,
+                jit_ptx,
+            }
+        }
         Impl::Flash => {
             let key = prep.dispatch_key(info.arch, T::DTYPE, &dims, seqlens.is_some());
-            let r = DISPATCH_TABLE.resolve(&key, Direction::Bwd, false)?;
-            r.cell()
+            match ov.family {
+                Some(family) => DISPATCH_TABLE.lookup_family(&key, Direction::Bwd, family)?,
+                None => DISPATCH_TABLE.resolve(&key, Direction::Bwd, false)?,
+            }
         }
     };
-    let (index, image, jit) = DISPATCH_TABLE
-        .serve(&cell, info.arch)
-        .ok_or_else(|| not_compiled(&cell, info.arch))?;
-    let prefix = image.kernels[0].symbol;
-    let sym = |suffix: &str| -> &'static str {
-        match suffix {
-            "dot" => leak_symbol(prefix, "_dot"),
-            "main" => leak_symbol(prefix, "_main"),
-            _ => leak_symbol(prefix, "_convert"),
-        }
+    let jit = kref.jit_ptx || (imp == Impl::Flash && ov.force_ptx);
+    if jit && kref.image.ptx.is_none() {
+        return Err(Error::CellNotCompiled {
+            cell: kref.key().to_string(),
+            knobs: crate::kernels::BUILD_KNOBS,
+            hint: "its compute_80 PTX image is needed; build with the `ptx-jit` feature".into(),
+        });
+    }
+    let entry = match imp {
+        Impl::Reference => &kref.image.kernels[0],
+        Impl::Flash => choose_tile(
+            &kref,
+            ov.smem_limit
+                .map_or(info.max_smem_optin, |l| l.min(info.max_smem_optin)),
+            ov.variant,
+        )?,
     };
-    let f_dot = runtime::function(stream, index, jit, sym("dot"), 0)?;
-    let f_main = runtime::function(stream, index, jit, sym("main"), 0)?;
-    let f_convert = runtime::function(stream, index, jit, sym("convert"), 0)?;
-
-    // Workspaces.
-    let rows_k = match seqlens {
-        Some(s) => s.total_k(),
-        None => dims.batch * k.layout.seqlen,
-    };
-    let acc_len = (rows_k * dims.heads_k * dims.head_dim).max(1);
-    let dk_acc: CudaSlice<f32> = stream
-        .alloc_zeros(acc_len)
-        .map_err(Error::driver("allocating the dK workspace"))?;
-    let dv_acc: CudaSlice<f32> = stream
-        .alloc_zeros(acc_len)
-        .map_err(Error::driver("allocating the dV workspace"))?;
-    let softmax_d: CudaSlice<f32> = stream
-        .alloc_zeros(lse_len.max(1))
-        .map_err(Error::driver("allocating the row-dot workspace"))?;
+    let prefix = entry.symbol;
+    let main_smem = if imp == Impl::Flash { entry.smem_bytes } else { 0 };
+    let f_dot = runtime::function(stream, kref.index, jit, leak_symbol(prefix, "_dot"), 0)?;
+    let f_main = runtime::function(stream, kref.index, jit, leak_symbol(prefix, "_main"), main_smem)?;
+    let f_convert = runtime::function(stream, kref.index, jit, leak_symbol(prefix, "_convert"), 0)?;
 
     let guards = fwd::Pointers::take(stream, &q, &k, &v, seqlens, &prep);
     let (out_ptr, _g1) = out.data.device_ptr(stream);
@@ -234,13 +264,41 @@ pub(crate) fn run_bwd<T: AttnElement>(
     let (dq_ptr, _g4) = dq.data.device_ptr_mut(stream);
     let (dk_ptr, _g5) = dk.data.device_ptr_mut(stream);
     let (dv_ptr, _g6) = dv.data.device_ptr_mut(stream);
-    let (dka, _g7) = dk_acc.device_ptr(stream);
-    let (dva, _g8) = dv_acc.device_ptr(stream);
-    let (sd, _g9) = softmax_d.device_ptr(stream);
+    if imp == Impl::Flash {
+        // The fast kernels move rows of every 16-bit tensor in 16-byte vectors.
+        for (name, ptr, layout) in [
+            ("q", guards.q, &q.layout),
+            ("k", guards.k, &k.layout),
+            ("v", guards.v, &v.layout),
+            ("out", out_ptr, &out.layout),
+            ("dout", do_ptr, &dout.layout),
+            ("dq", dq_ptr, &dq.layout),
+            ("dk", dk_ptr, &dk.layout),
+            ("dv", dv_ptr, &dv.layout),
+        ] {
+            fwd::check_alignment::<T>(name, ptr, layout)?;
+        }
+    }
+
+    // Workspaces (stream-ordered; freed when this function returns, after the launches).
+    let rows_k = match seqlens {
+        Some(s) => s.total_k(),
+        None => dims.batch * k.layout.seqlen,
+    };
+    let ws = match imp {
+        Impl::Reference => Workspace::reference(stream, &dims, rows_k)?,
+        Impl::Flash => Workspace::flash(stream, &dims, seqlens, entry.tile.block_m as usize, opts.deterministic)?,
+    };
+    let (dka, _g7) = ws.dk_accum.device_ptr(stream);
+    let (dva, _g8) = ws.dv_accum.device_ptr(stream);
+    let (sd, _g9) = ws.softmax_d.device_ptr(stream);
+    let (dqa, _g11) = ws.dq_accum.device_ptr(stream);
+    let (sem, _g12) = ws.semaphore.device_ptr(stream);
     let (dsink_ptr, _g10) = match dsink {
         Some(d) => {
             let (p, g) = d.device_ptr_mut(stream);
-            // The kernels accumulate into dsink: zero it first, in stream order.
+            // The kernels accumulate into dsink (or write it only where rows exist): zero it
+            // first, in stream order.
             // SAFETY: `p` addresses at least `heads` f32s (checked above).
             unsafe { cudarc::driver::result::memset_d8_async(p, 0, dims.heads * 4, stream.cu_stream()) }
                 .map_err(Error::driver("zeroing dsink"))?;
@@ -261,9 +319,28 @@ pub(crate) fn run_bwd<T: AttnElement>(
     p.dq = dq_ptr as *mut c_void;
     p.dk = dk_ptr as *mut c_void;
     p.dv = dv_ptr as *mut c_void;
-    p.dk_accum = dka as *mut f32;
-    p.dv_accum = dva as *mut f32;
+    p.dk_accum = if ws.uses_kv_accum {
+        dka as *mut f32
+    } else {
+        std::ptr::null_mut()
+    };
+    p.dv_accum = if ws.uses_kv_accum {
+        dva as *mut f32
+    } else {
+        std::ptr::null_mut()
+    };
     p.softmax_d = sd as *mut f32;
+    p.dq_accum = if ws.uses_dq_accum {
+        dqa as *mut f32
+    } else {
+        std::ptr::null_mut()
+    };
+    p.semaphore = if opts.deterministic && imp == Impl::Flash {
+        sem as *mut i32
+    } else {
+        std::ptr::null_mut()
+    };
+    p.seqlen_q_rounded = ws.seqlen_q_rounded as i32;
     p.dsink = dsink_ptr as *mut f32;
     let varlen = seqlens.is_some();
     let bs = |b: usize| if varlen { 0 } else { b as i64 };
@@ -283,49 +360,182 @@ pub(crate) fn run_bwd<T: AttnElement>(
         p.flags |= crate::params::FLAG_DETERMINISTIC;
     }
 
-    let rows_grid = (dims.seqlen_q as u32, dims.heads as u32, dims.batch as u32);
-    let conv_elems = rows_k * dims.heads_k * dims.head_dim;
+    let (g_dot, g_main, g_convert) = match imp {
+        Impl::Reference => {
+            let rows_grid = (dims.seqlen_q as u32, dims.heads as u32, dims.batch as u32);
+            let conv_elems = rows_k * dims.heads_k * dims.head_dim;
+            (
+                Geometry {
+                    grid: rows_grid,
+                    block: 128,
+                    smem_bytes: 0,
+                },
+                Geometry {
+                    grid: rows_grid,
+                    block: 128,
+                    smem_bytes: 0,
+                },
+                Geometry {
+                    grid: (conv_elems.div_ceil(256) as u32, 1, 1),
+                    block: 256,
+                    smem_bytes: 0,
+                },
+            )
+        }
+        Impl::Flash => {
+            let (bm, bn) = (entry.tile.block_m as usize, entry.tile.block_n as usize);
+            // Key blocks cover each sequence's stored key rows (capacity), so rows past
+            // seqused_k get their zero gradients too.
+            let max_capacity_k = match seqlens {
+                Some(s) => s
+                    .cu_seqlens_k()
+                    .windows(2)
+                    .map(|w| (w[1] - w[0]) as usize)
+                    .max()
+                    .unwrap_or(0),
+                None => k.layout.seqlen,
+            };
+            let q_grid = (dims.seqlen_q.div_ceil(bm) as u32, dims.heads as u32, dims.batch as u32);
+            let pre_post = Geometry {
+                grid: q_grid,
+                block: SM80_BWD_PRE_POST_THREADS,
+                smem_bytes: 0,
+            };
+            (
+                pre_post,
+                Geometry {
+                    grid: (
+                        max_capacity_k.div_ceil(bn) as u32,
+                        dims.heads_k as u32,
+                        dims.batch as u32,
+                    ),
+                    block: entry.tile.threads(),
+                    smem_bytes: entry.smem_bytes,
+                },
+                pre_post,
+            )
+        }
+    };
     let mut params = p;
     let mut args = [&mut params as *mut FaParams as *mut c_void];
-    // SAFETY: the reference backward kernels take one `FaParams` by value; every pointer in it was
-    // checked above and its guard lives until this function returns.
+    // SAFETY: the backward kernels (reference and sm80 family) take one `FaParams` by value; every
+    // pointer in it was checked above (or is a workspace sized here) and its guard lives until
+    // this function returns.
     unsafe {
-        runtime::launch(
-            f_dot,
-            Geometry {
-                grid: rows_grid,
-                block: 128,
-                smem_bytes: 0,
-            },
-            stream,
-            &mut args,
-        )?;
-        runtime::launch(
-            f_main,
-            Geometry {
-                grid: rows_grid,
-                block: 128,
-                smem_bytes: 0,
-            },
-            stream,
-            &mut args,
-        )?;
-        runtime::launch(
-            f_convert,
-            Geometry {
-                grid: (conv_elems.div_ceil(256) as u32, 1, 1),
-                block: 256,
-                smem_bytes: 0,
-            },
-            stream,
-            &mut args,
-        )?;
+        runtime::launch(f_dot, g_dot, stream, &mut args)?;
+        runtime::launch(f_main, g_main, stream, &mut args)?;
+        runtime::launch(f_convert, g_convert, stream, &mut args)?;
     }
     drop(guards);
     Ok(BwdInfo {
-        cell: image.key,
+        cell: kref.key(),
         symbol: leak_symbol(prefix, "_main"),
     })
+}
+
+/// Block size of the sm80-family dot and convert kernels (`kBwdPrePostThreads` in csrc/sm80/bwd.cuh).
+const SM80_BWD_PRE_POST_THREADS: u32 = 256;
+
+/// The tile variant to run: `variant` when given (it must fit), else the first whose shared
+/// memory fits `limit`.
+fn choose_tile(kref: &KernelRef, limit: u32, variant: Option<usize>) -> Result<&'static KernelEntry> {
+    let kernels = kref.image.kernels;
+    let found = match variant {
+        Some(i) => kernels.get(i).filter(|k| k.smem_bytes <= limit),
+        None => kernels.iter().find(|k| k.smem_bytes <= limit),
+    };
+    found.ok_or_else(|| Error::NoKernel {
+        what: match variant {
+            Some(i) => format!(
+                "{}: tile variant {i} does not exist or does not fit {limit} bytes",
+                kref.key()
+            ),
+            None => format!("{}: no tile variant fits {limit} bytes of shared memory", kref.key()),
+        },
+    })
+}
+
+/// The fp32 workspaces of one backward call (see the module docs for their sizes). Buffers a
+/// path does not use are one element long.
+struct Workspace {
+    dk_accum: CudaSlice<f32>,
+    dv_accum: CudaSlice<f32>,
+    softmax_d: CudaSlice<f32>,
+    dq_accum: CudaSlice<f32>,
+    semaphore: CudaSlice<i32>,
+    seqlen_q_rounded: usize,
+    uses_kv_accum: bool,
+    uses_dq_accum: bool,
+}
+
+impl Workspace {
+    fn alloc_f32(stream: &Arc<CudaStream>, n: usize, what: &'static str) -> Result<CudaSlice<f32>> {
+        // SAFETY: every element the kernels read is written first (by the dot kernel, or by the
+        // zeroing of the reference path's alloc_zeros).
+        unsafe { stream.alloc::<f32>(n.max(1)) }.map_err(Error::driver(what))
+    }
+
+    /// The reference path: zeroed dK / dV accumulators `[rows_k, heads_k, d]` and the row dots.
+    fn reference(stream: &Arc<CudaStream>, dims: &Dims, rows_k: usize) -> Result<Workspace> {
+        let acc_len = (rows_k * dims.heads_k * dims.head_dim).max(1);
+        let zeros = |n: usize, what| stream.alloc_zeros::<f32>(n.max(1)).map_err(Error::driver(what));
+        Ok(Workspace {
+            dk_accum: zeros(acc_len, "allocating the dK workspace")?,
+            dv_accum: zeros(acc_len, "allocating the dV workspace")?,
+            softmax_d: zeros(dims.heads * dims.total_q, "allocating the row-dot workspace")?,
+            dq_accum: Self::alloc_f32(stream, 1, "allocating the dQ workspace")?,
+            semaphore: stream
+                .alloc_zeros::<i32>(1)
+                .map_err(Error::driver("allocating the semaphores"))?,
+            seqlen_q_rounded: dims.seqlen_q,
+            uses_kv_accum: true,
+            uses_dq_accum: false,
+        })
+    }
+
+    /// The sm80 path (csrc/sm80/bwd_tile.cuh, `BwdWorkspace`): `rows` workspace rows per head,
+    /// every sequence padded to whole blocks of `block_m`; log2 LSE and D (`2 * heads * rows`),
+    /// dQ accumulators (`heads * rows * d`), and in deterministic mode one counter per
+    /// (sequence, head, query block). The dot kernel initialises all of them.
+    fn flash(
+        stream: &Arc<CudaStream>,
+        dims: &Dims,
+        seqlens: Option<&VarlenSeqlens>,
+        block_m: usize,
+        deterministic: bool,
+    ) -> Result<Workspace> {
+        let seqlen_q_rounded = dims.seqlen_q.div_ceil(block_m) * block_m;
+        let rows = match seqlens {
+            Some(_) => dims.total_q.next_multiple_of(16) + dims.batch * (block_m + 16),
+            None => dims.batch * seqlen_q_rounded,
+        };
+        let head_rows = dims
+            .heads
+            .checked_mul(rows)
+            .filter(|&r| r <= i32::MAX as usize)
+            .ok_or(Error::TooLarge {
+                what: "backward workspace rows (heads x padded total_q)",
+                value: dims.heads.saturating_mul(rows),
+                limit: i32::MAX as usize,
+            })?;
+        let sems = if deterministic {
+            dims.batch * dims.heads * dims.seqlen_q.div_ceil(block_m)
+        } else {
+            1
+        };
+        Ok(Workspace {
+            dk_accum: Self::alloc_f32(stream, 1, "allocating the dK workspace")?,
+            dv_accum: Self::alloc_f32(stream, 1, "allocating the dV workspace")?,
+            softmax_d: Self::alloc_f32(stream, 2 * head_rows, "allocating the row-statistics workspace")?,
+            dq_accum: Self::alloc_f32(stream, head_rows * dims.head_dim, "allocating the dQ workspace")?,
+            // SAFETY: the dot kernel zeroes every counter the main kernel reads.
+            semaphore: unsafe { stream.alloc::<i32>(sems.max(1)) }
+                .map_err(Error::driver("allocating the semaphores"))?,
+            seqlen_q_rounded,
+            uses_kv_accum: false,
+            uses_dq_accum: true,
+        })
+    }
 }
 
 /// `prefix + suffix` as a `'static` str, interned so each distinct name is allocated once.

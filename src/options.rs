@@ -120,7 +120,7 @@ impl<'a> FwdOptions<'a> {
         Self::default()
     }
 
-    /// Softmax scale applied to `q.k` (default `1/sqrt(head_dim)`).
+    /// Softmax scale applied to `q.k` (default `1/sqrt(head_dim)`); must be finite and > 0.
     pub fn softmax_scale(mut self, scale: f32) -> Self {
         self.softmax_scale = Some(scale);
         self

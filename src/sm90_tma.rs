@@ -1,14 +1,14 @@
 //! Host-side TMA descriptors (`CUtensorMap`) of the sm90-family forward kernels.
 //!
-//! Each of Q, K, V and O gets one rank-5 tiled tensor map over its `(row, head, batch)` view with
+//! Each of Q, K and V gets one rank-5 tiled tensor map over its `(row, head, batch)` view with
 //! the head dim cut into swizzle panels, innermost first:
 //!
 //! | dim | extent | stride (bytes) | box |
 //! | --- | --- | --- | --- |
 //! | 0 | `PW` elements of one panel | contiguous | `PW` |
-//! | 1 | rows: `seqlen_q` / `seqlen_k` (dense) or `total_q` / `total_k` (varlen) | `row_stride` | 64 (Q, O) or `block_n` (K, V) |
+//! | 1 | rows: `seqlen_q` / `seqlen_k` (dense) or `total_q` / `total_k` (varlen) | `row_stride` | 64 (Q) or `block_n` (K, V) |
 //! | 2 | `head_dim / PW` panels | `PW` elements | all panels |
-//! | 3 | heads (`num_heads` for Q, O; `num_heads_k` for K, V) | `head_stride` | 1 |
+//! | 3 | heads (`num_heads` for Q; `num_heads_k` for K, V) | `head_stride` | 1 |
 //! | 4 | batch (dense), 1 (varlen: rows are global) | `batch_stride` | 1 |
 //!
 //! So one TMA box lands in shared memory as `[panel][row][PW]`, each `PW * 2`-byte line swizzled,
@@ -21,10 +21,11 @@
 //! | 80 | 32 B | 16 | 5 |
 //!
 //! The kernel addresses boxes with coordinates `(0, row, 0, head, batch)`. Out-of-range elements
-//! are zero-filled on loads and dropped on stores. A dense tensor's row extent is its own
-//! sequence length, so a ragged last tile neither reads nor writes another batch entry; in a
-//! varlen tensor the next sequence's rows are in range, which the kernel handles (masking on
-//! loads, plain predicated stores of partial O tiles).
+//! are zero-filled. A dense tensor's row extent is its own sequence length, so a ragged last
+//! tile reads nothing of another batch entry; in a varlen tensor the next sequence's rows are in
+//! range, which the kernel masks. O is written with plain stores from registers
+//! (`csrc/sm90/epilogue.cuh`), so it needs no tensor map and only the 16-byte alignment every
+//! flash path checks.
 
 use crate::cells::{DType, Tile};
 use crate::error::Error;
@@ -164,7 +165,7 @@ fn geometry(view: View, head_dim: u32, elem_bytes: u32) -> Result<TmaGeometry, E
     })
 }
 
-/// The four geometries (q, k, v, o) of a forward launch. `total_k` is the number of K/V rows of
+/// The three geometries (q, k, v) of a forward launch. `total_k` is the number of K/V rows of
 /// a varlen launch (`cu_seqlens_k[batch]`), which the params block does not carry.
 pub(crate) fn fwd_geometries(
     p: &FaParams,
@@ -172,7 +173,7 @@ pub(crate) fn fwd_geometries(
     head_dim: u32,
     tile: &Tile,
     total_k: Option<u64>,
-) -> Result<[TmaGeometry; 4], Error> {
+) -> Result<[TmaGeometry; 3], Error> {
     if !matches!(dtype, DType::F16 | DType::Bf16) {
         return Err(Error::InvalidArgument(format!(
             "the sm90 forward kernels take f16 or bf16, not {dtype:?}"
@@ -256,18 +257,6 @@ pub(crate) fn fwd_geometries(
             head_dim,
             elem,
         )?,
-        geometry(
-            view(
-                "out",
-                p.o as *const _,
-                rows_q,
-                hq,
-                (p.o_batch_stride, p.o_row_stride, p.o_head_stride),
-                Q_BOX_ROWS,
-            ),
-            head_dim,
-            elem,
-        )?,
     ])
 }
 
@@ -307,7 +296,7 @@ fn encode(g: &TmaGeometry, dtype: DType) -> Result<sys::CUtensorMap, Error> {
     }
 }
 
-/// Tensor maps (q, k, v, o) of an sm90 forward launch; `total_k` is the row count of the packed
+/// Tensor maps (q, k, v) of an sm90 forward launch; `total_k` is the row count of the packed
 /// K and V tensors (`cu_seqlens_k[batch]`), used by varlen launches only.
 pub(crate) fn encode_fwd_tensor_maps(
     p: &FaParams,
@@ -315,17 +304,12 @@ pub(crate) fn encode_fwd_tensor_maps(
     head_dim: u32,
     tile: &Tile,
     total_k: usize,
-) -> Result<[sys::CUtensorMap; 4], Error> {
+) -> Result<[sys::CUtensorMap; 3], Error> {
     encode_all(&fwd_geometries(p, dtype, head_dim, tile, Some(total_k as u64))?, dtype)
 }
 
-fn encode_all(g: &[TmaGeometry; 4], dtype: DType) -> Result<[sys::CUtensorMap; 4], Error> {
-    Ok([
-        encode(&g[0], dtype)?,
-        encode(&g[1], dtype)?,
-        encode(&g[2], dtype)?,
-        encode(&g[3], dtype)?,
-    ])
+fn encode_all(g: &[TmaGeometry; 3], dtype: DType) -> Result<[sys::CUtensorMap; 3], Error> {
+    Ok([encode(&g[0], dtype)?, encode(&g[1], dtype)?, encode(&g[2], dtype)?])
 }
 
 #[cfg(test)]
@@ -373,7 +357,7 @@ mod tests {
     #[test]
     fn dense_bshd_hd128() {
         let p = dense(2, 1000, 777, 16, 4, 128);
-        let [q, k, v, o] = fwd_geometries(&p, DType::Bf16, 128, &TILE, None).unwrap();
+        let [q, k, v] = fwd_geometries(&p, DType::Bf16, 128, &TILE, None).unwrap();
         assert_eq!(q.dims, [64, 1000, 2, 16, 2]);
         assert_eq!(q.strides, [16 * 128 * 2, 128, 128 * 2, 1000 * 16 * 128 * 2]);
         assert_eq!(q.box_dims, [64, 64, 2, 1, 1]);
@@ -384,9 +368,6 @@ mod tests {
         assert_eq!(k.box_dims, [64, 176, 2, 1, 1]);
         assert_eq!(v.dims, k.dims);
         assert_eq!(v.address, 0x3000_0000);
-        assert_eq!(o.dims, q.dims);
-        assert_eq!(o.box_dims, q.box_dims);
-        assert_eq!(o.address, 0x4000_0000);
     }
 
     #[test]
@@ -438,9 +419,8 @@ mod tests {
         p.k_row_stride = 2 * 128;
         p.v_row_stride = 2 * 128;
         p.q_batch_stride = 12345; // ignored for varlen
-        let [q, k, v, o] = fwd_geometries(&p, DType::Bf16, 128, &TILE, Some(200)).unwrap();
+        let [q, k, v] = fwd_geometries(&p, DType::Bf16, 128, &TILE, Some(200)).unwrap();
         assert_eq!(q.dims, [64, 150, 2, 4, 1]);
-        assert_eq!(o.dims, [64, 150, 2, 4, 1]);
         assert_eq!(k.dims, [64, 200, 2, 2, 1]);
         assert_eq!(v.dims, [64, 200, 2, 2, 1]);
         assert_eq!(

@@ -99,6 +99,14 @@ struct Mask {
     }
     __device__ __forceinline__ int key_begin(int i) const { return has_left() ? i + diag - window_left : INT_MIN; }
 
+    // Whether no row of [row_first, row_last] sees any key of [col_begin, col_end) (a sufficient
+    // test: past the right bound of the last row, or before the left bound of the first row
+    // with no sink key in the range). Rows past sq only make it answer false.
+    __device__ __forceinline__ bool hides(int row_first, int row_last, int col_begin, int col_end) const {
+        if (key_end(row_last) <= col_begin) return true;
+        return has_left() && key_begin(row_first) >= col_end && col_begin >= sink_tokens;
+    }
+
     // Sets every invisible element of a score fragment to -inf (run after ScoreMod::apply, so
     // softcap cannot turn -inf back into a finite score).
     template <int MT, int NT>

@@ -164,6 +164,12 @@ __device__ __forceinline__ void st_shared_b32(uint32_t smem_addr, uint32_t value
     asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(smem_addr), "r"(value) : "memory");
 }
 
+__device__ __forceinline__ void st_shared_v4_b32(uint32_t smem_addr, uint4 v) {
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(smem_addr), "r"(v.x), "r"(v.y), "r"(v.z),
+                 "r"(v.w)
+                 : "memory");
+}
+
 __device__ __forceinline__ uint4 ld_shared_v4_b32(uint32_t smem_addr) {
     uint4 v;
     asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
@@ -216,6 +222,39 @@ __device__ __forceinline__ float rcp_approx(float x) {
     asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
 }
+
+// ---- global reductions and flags (the backward's dQ accumulation) --------------------------------
+
+// *addr += v in fp32, relaxed, no return value (RED: the L2 performs the add).
+__device__ __forceinline__ void red_add_f32(float* gmem_addr, float v) {
+    asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(gmem_addr), "f"(v) : "memory");
+}
+
+// addr[0] += a, addr[1] += b (8-byte aligned): one vector RED on sm_90, two scalar ones before it.
+__device__ __forceinline__ void red_add_f32x2(float* gmem_addr, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(gmem_addr), "f"(a), "f"(b) : "memory");
+#else
+    red_add_f32(gmem_addr, a);
+    red_add_f32(gmem_addr + 1, b);
+#endif
+}
+
+// A 32-bit flag read with acquire semantics at GPU scope (pairs with red_release_add_s32).
+__device__ __forceinline__ int ld_acquire_s32(const int* gmem_addr) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(gmem_addr) : "memory");
+    return v;
+}
+
+// *addr += v with release semantics at GPU scope: the caller's earlier writes (and, through a
+// preceding barrier, its block's) are visible to whoever acquires the new value.
+__device__ __forceinline__ void red_release_add_s32(int* gmem_addr, int v) {
+    asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(gmem_addr), "r"(v) : "memory");
+}
+
+// Orders this thread's earlier global writes and reductions before its later ones, GPU-wide.
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
 
 }  // namespace ptx
 }  // namespace fa

@@ -108,19 +108,56 @@ struct OnlineSoftmax {
             for (int half = 0; half < 2; ++half) {
                 const int r = 2 * mt + half;
                 const float base = max_log2(r);
-                float sum = 0.f;
+                float sum[2] = {0.f, 0.f};  // two independent add chains (columns 2t and 2t + 1)
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
                         float& x = s[mt][nt][2 * half + e];
                         x = ptx::ex2_approx(fmaf(x, scale_log2, -base));
-                        sum += x;
+                        sum[e] += x;
                     }
                 }
-                row_sum[r] = fmaf(row_sum[r], row_scale[r], sum);
+                row_sum[r] = fmaf(row_sum[r], row_scale[r], sum[0] + sum[1]);
             }
         }
+    }
+
+    // Lazy variant of max_get_scale (FlashAttention-4's conditional rescaling): a row's
+    // subtraction base moves only when the tile's max exceeds it by more than
+    // kLazyRescaleLog2 (log2 units), so after the first tiles of a row O is almost never
+    // rescaled. Invariant: every score folded so far is <= base + kLazyRescaleLog2 (log2
+    // units), so probabilities stay <= 2^kLazyRescaleLog2 (exact in fp32, and bf16 / f16 P keeps
+    // its relative precision). A row that moves gets base = the tile's max (>= every score so
+    // far). row_max then holds the base, not necessarily the true max; `finalize` is exact for
+    // any base. A row without visible keys (-inf) moves at its first finite tile max; a -inf
+    // tile max never moves a row (-inf - -inf is NaN, and NaN > x is false).
+    static constexpr float kLazyRescaleLog2 = 8.f;
+    template <int NT>
+    __device__ __forceinline__ bool max_get_scale_lazy(const float (&s)[MT][NT][4], float (&row_scale)[kRows]) {
+        bool changed = false;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int r = 2 * mt + half;
+                // Two independent chains (even / odd n-tiles) for ILP; fmaxf is exact in any order.
+                float m0 = fmaxf(s[mt][0][2 * half], s[mt][0][2 * half + 1]);
+                float m1 = NT > 1 ? fmaxf(s[mt][NT - 1][2 * half], s[mt][NT - 1][2 * half + 1]) : m0;
+#pragma unroll
+                for (int nt = 1; nt < NT - 1; ++nt) {
+                    float& m = nt % 2 ? m1 : m0;
+                    m = fmaxf(m, fmaxf(s[mt][nt][2 * half], s[mt][nt][2 * half + 1]));
+                }
+                const float tile_max = quad_allreduce_max(fmaxf(m0, m1));
+                const float old_max = row_max[r];
+                const bool moved = (tile_max - old_max) * scale_log2 > kLazyRescaleLog2;
+                if (moved) row_max[r] = tile_max;
+                row_scale[r] = moved ? ptx::ex2_approx((old_max - tile_max) * scale_log2) : 1.f;
+                changed |= moved;
+            }
+        }
+        return changed;
     }
 
     // O rows *= row_scale (O is an m16n8 accumulator array over the head dim).
@@ -146,6 +183,16 @@ struct OnlineSoftmax {
     __device__ __forceinline__ void online_softmax(float (&s)[MT][NT][4], float (&o)[MT][DT][4]) {
         float row_scale[kRows];
         const bool changed = max_get_scale(s, row_scale);
+        if (__any_sync(0xffffffffu, changed)) rescale_o(o, row_scale);
+        exp_accumulate(s, row_scale);
+    }
+
+    // online_softmax with max_get_scale_lazy: the O rescale runs only on the (rare) tiles where
+    // some row of the warp moved its base.
+    template <int NT, int DT>
+    __device__ __forceinline__ void online_softmax_lazy(float (&s)[MT][NT][4], float (&o)[MT][DT][4]) {
+        float row_scale[kRows];
+        const bool changed = max_get_scale_lazy(s, row_scale);
         if (__any_sync(0xffffffffu, changed)) rescale_o(o, row_scale);
         exp_accumulate(s, row_scale);
     }

@@ -3,28 +3,35 @@
 // Design
 // - One thread block = BM query rows of one (sequence, head); W warps split those rows (BM / W
 //   each, whole m16 tiles), so softmax statistics never leave a warp (split-Q, no smem reduction).
-//   d <= 128: 4 warps x 32 rows (each K/V fragment feeds two m16 tiles); d = 192 / 256: 8 warps x
-//   16 rows (32 rows of O would not fit in registers). See src/cells.rs for the tile table.
+//   d <= 128: 4 warps x 32 rows (each K/V fragment feeds two m16 tiles); d = 192 / 256: 16 rows
+//   per warp (32 rows of O would not fit in registers). See src/cells.rs for the tile table.
 // - S = Q K^T: Q and K fragments by ldmatrix from row-padded smem (pitch D + 8 elements, an odd
 //   number of 16-byte chunks, conflict-free without a swizzle); P goes from the fp32 accumulator
 //   layout to the A-operand layout in registers (two n8 tiles = one k16 step); V fragments by
 //   ldmatrix.trans. Head dims are walked in k16 / n8 steps of their own (80 = 5 k-steps, 10 n8
 //   tiles), never padded in compute.
-// - Online softmax in exp2 with the scale folded into one FFMA; O is rescaled only when some row
-//   of the warp got a new max (warp vote); the sums stay per lane until the end;
-//   LSE = (max * scale_log2 + log2 sum) * ln 2; learnable sink logits join the denominator in
-//   `finalize`.
+// - Online softmax in exp2 with the scale folded into one FFMA; lazy rescaling
+//   (OnlineSoftmax::online_softmax_lazy): a row's subtraction base moves only when a tile's max
+//   exceeds it by more than 2^8, and O is rescaled only when some row of the warp moved (warp
+//   vote); the sums stay per lane until the end; LSE = (base * scale_log2 + log2 sum) * ln 2;
+//   learnable sink logits join the denominator in `finalize`.
 // - K/V ring of S stages, one cp.async group and one barrier per KV step: block t+S-1 loads while
-//   block t computes (common/mask.cuh plans the walk; fwd_mainloop.cuh runs it).
+//   block t computes (common/mask.cuh plans the walk; fwd_mainloop.cuh runs it). S = 1 (one K and
+//   one V buffer, two barriers per step, FlashAttention-2's scheme) where one stage is what lets
+//   two blocks share an SM (d = 256, 64 x 64).
 // - The walk visits the masked blocks first (right edge: diagonal / ragged key tail; left edge of
 //   a window; sink-token blocks), then the unmasked ones, as two loops over one inlined step with
 //   a compile-time mask flag: the steady state has no mask code. Softcap and ALiBi are a uniform
-//   run-time branch (`ScoreMod::active`). Fully masked blocks are never loaded.
-// - Registers are the binding constraint (O + S up to ~190 of 255 at d = 128): the block-uniform
+//   run-time branch (`ScoreMod::active`). Fully masked blocks are never loaded; a warp none of
+//   whose rows sees a masked block (the upper rows on the causal diagonal) skips its math.
+// - Registers are the binding constraint (O + S up to 192 of 255 at d = 128): the block-uniform
 //   walk state (K/V pointers, plan, mask bounds) lives in the Q rows' smem padding and is re-read
-//   after each barrier; lane-derived addresses are recomputed from %tid; where O + S would exceed
-//   160 registers a step runs its KV block as two softmax chunks (d = 128: 2 x 32 keys of a
-//   64-key block). Every instantiation is spill-free (registers: src/cells.rs, sm80_fwd_tiles).
+//   after each barrier; lane-derived addresses are recomputed from %tid; where O + S take 161-192
+//   registers the per-lane row sums are parked in the K rows' smem padding between steps (d = 128,
+//   128 x 64: the whole 64-key block in one softmax chunk, Q read once per step); beyond that a
+//   step runs its block as two softmax chunks. Where O + S + Q fit 160 registers, Q's fragments
+//   stay in registers for the whole walk (d = 64). Every instantiation is spill-free
+//   (registers: src/cells.rs, sm80_fwd_tiles).
 // - Causal / right-bounded masks reverse blockIdx.x so the heaviest query blocks start first.
 // - Epilogue: O scaled by 1/Z, converted to T, staged in the warp's own Q rows, stored 16 bytes per
 //   lane; LSE by one lane per quad. A row with no visible key writes O = 0 and LSE = -inf (or the
@@ -76,9 +83,10 @@ struct FwdKernel {
     static_assert(BN % 16 == 0, "a key block is whole k16 steps of P V (and n8 pairs of Q K^T)");
     static_assert(W == 4 || W == 8, "4 or 8 warps: the register budget below assumes 128-256 threads");
     static_assert(kSmemBytes <= 227 * 1024, "dynamic smem must fit the largest opt-in limit (sm_90: 227 KB)");
-    static_assert(kMT * kDT * 4 + kMT * (Mainloop::kChunkN / 8) * 4 <= 160,
+    static_assert(kMT * kDT * 4 + kMT * (Mainloop::kChunkN / 8) * 4 + (Mainloop::kQInRegs ? Mainloop::kQRegs : 0) <=
+                      (Mainloop::kParkRowSums ? 192 : 160),
                   "O plus one chunk of S must leave ~95 of the 255 registers to fragments, softmax state and "
-                  "addresses (see FwdMainloop::kChunkN)");
+                  "addresses, or ~63 with the row sums parked in smem (see FwdMainloop::kChunkN)");
 
     __device__ __forceinline__ static void run(const FaParams& p, unsigned char* smem) {
         const Mainloop mainloop(p, smem);
@@ -103,13 +111,18 @@ struct FwdKernel {
             for (int dt = 0; dt < kDT; ++dt)
 #pragma unroll
                 for (int i = 0; i < 4; ++i) o[mt][dt][i] = 0.f;
+        typename Mainloop::QFrags q;  // (kQInRegs) the warp's Q fragments, else unused
+        mainloop.load_q(q);
         Softmax softmax(ScoreMod::softmax_scale_log2(p));
+        mainloop.park_row_sums(softmax);  // (kParkRowSums) the sums live in smem during the walk
 
         // The walk: masked blocks first, then unmasked ones (FwdKvPlan::block_at), one inlined
         // step body per phase so that the steady state carries no mask code.
         int t = 0;
-        while (next == Mainloop::Next::kMaskedStep) next = mainloop.template step</*kMasked=*/true>(t++, o, softmax);
-        while (next == Mainloop::Next::kUnmaskedStep) next = mainloop.template step</*kMasked=*/false>(t++, o, softmax);
+        while (next == Mainloop::Next::kMaskedStep) next = mainloop.template step</*kMasked=*/true>(t++, q, o, softmax);
+        while (next == Mainloop::Next::kUnmaskedStep) {
+            next = mainloop.template step</*kMasked=*/false>(t++, q, o, softmax);
+        }
         // Only empty groups can remain; leave nothing in flight.
         ptx::cp_async_wait_all();
 
@@ -120,6 +133,7 @@ struct FwdKernel {
         const int warp_row0 = warp * kWarpRows;  // the warp's first row in the block
         const int warp_rows_valid = min(BM, tile.seqlen_q - m_begin) - warp_row0;
         const float sink_logit = p.sink_logits != nullptr ? p.sink_logits[tile.head] : -INFINITY;
+        mainloop.unpark_row_sums(softmax);
         const SoftmaxResult<2 * kMT> result = softmax.finalize(sink_logit);
         Epilogue::store_o(o, result.o_scale, mainloop.smem_base() + Smem::kQOffset + warp_row0 * Smem::kPitchBytes,
                           tile.o + (m_begin + warp_row0) * p.o_row_stride, p.o_row_stride, warp_rows_valid, lane);

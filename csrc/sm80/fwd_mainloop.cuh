@@ -142,6 +142,38 @@ __device__ __forceinline__ void warp_gemm_qk(float (&s)[MT][NT][4], uint32_t q_l
     }
 }
 
+// The warp's Q rows as A fragments, [m16 tile][k16 step], loaded once for the whole walk where
+// the registers allow it (FwdMainloop::kQInRegs).
+template <class T, int MT, int D, int PITCH>
+__device__ __forceinline__ void load_q_frags(uint32_t (&q_frag)[MT][D / 16][4], uint32_t q_lane) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) ptx::ldmatrix_x4(q_frag[mt][kk], q_lane + mt * 16 * PITCH + kk * 32);
+}
+
+// warp_gemm_qk with Q from registers (load_q_frags): only K comes from smem.
+template <class T, int MT, int NT, int D, int PITCH>
+__device__ __forceinline__ void warp_gemm_qk_rq(float (&s)[MT][NT][4], const uint32_t (&q_frag)[MT][D / 16][4],
+                                                uint32_t k_lane) {
+    static_assert(D % 16 == 0 && NT % 2 == 0, "Q K^T walks k-steps of 16 and loads K n-tiles in pairs");
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+            uint32_t r[4];
+            ptx::ldmatrix_x4(r, k_lane + np * 16 * PITCH + kk * 32);
+            const uint32_t k_frag0[2] = {r[0], r[1]};
+            const uint32_t k_frag1[2] = {r[2], r[3]};
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                ptx::mma_m16n8k16_f32<T>(s[mt][2 * np], q_frag[mt][kk], k_frag0);
+                ptx::mma_m16n8k16_f32<T>(s[mt][2 * np + 1], q_frag[mt][kk], k_frag1);
+            }
+        }
+    }
+}
+
 // o[MT][DT] += P (16*MT x 8*NT, fp32 accumulator fragments, converted here) * V_tile (8*NT x 8*DT).
 // The accumulator layout of two adjacent n8 tiles of P is exactly the A layout of one k16 step,
 // so P never leaves registers. v_lane: tile start + LdmatrixLane::bt_x4.
@@ -218,6 +250,9 @@ struct FwdWalkState {
 //             step t+S-1 into stage (t+S-1) % S = (t-1) % S, which every warp finished in step
 //             t-1 (the barrier proves it); commit (possibly empty, so group index == step index);
 //             then S = Q K^T, score mods, mask, online softmax, O += P V on stage t % S.
+// S = 1 (one K and one V buffer, FlashAttention-2's scheme; see step_single_stage):
+//   prologue: group 0 = Q + K of step 0.
+//   step t:   wait, barrier, issue V(t); S = Q K^T; wait, barrier, issue K(t+1); softmax, P V.
 template <class T, int D, int BM, int BN, int W, int S>
 struct FwdMainloop {
     static constexpr int kThreads = W * 32;
@@ -231,8 +266,31 @@ struct FwdMainloop {
     using KvCopy = GmemToSmemTile<T, BN, D, kThreads>;
     using Lane = LdmatrixLane<kPitch>;
     using State = FwdWalkState<T>;
-    static_assert(S >= 2, "the ring needs >= 2 stages: block t+S-1 loads while block t computes");
+    static_assert(S >= 1, "one K/V stage at least (S = 1: step_single_stage, S >= 2: step_ring)");
     static_assert(sizeof(State) == 16 * Smem::kStateLines, "the walk state fills exactly its smem lines");
+
+    // Registers of O plus the scores of a whole block, the per-thread peak of a step.
+    static constexpr int kOAndSRegs = kMT * kDT * 4 + kMT * kNT * 4;
+    // Where O + S take more than 160 of the 255 registers but at most 192 (d = 128 with 32 rows
+    // per warp and 64 keys), the step keeps its whole block as one softmax chunk and parks the
+    // per-lane row sums in shared memory between steps (the 4 registers that made ptxas spill):
+    // one LDS.128 and one STS.128 per step, in the unused 16-byte pads of the K stage rows (one
+    // line per thread; row_sum_park). Measured on H100 (d = 128, 128 x 64): +5-7% over two
+    // 32-key chunks, which re-read Q from smem per chunk.
+    static constexpr bool kParkRowSums = kOAndSRegs > 160 && kOAndSRegs <= 192 && S * BN >= kThreads;
+    // Q's A fragments held in registers for the whole walk where O + S + Q fit 160 registers
+    // (d = 64 with 64-key blocks, d = 192 with 16 rows per warp and 32 keys): Q K^T then reads
+    // only K from smem, a third fewer ldmatrix per k-step. Measured on H100: +2-3% at d = 64
+    // (128 x 64); allowing it up to 192 registers with parked sums (d = 80) was 0-6% slower.
+    static constexpr int kQRegs = kMT * (D / 16) * 4;
+    static constexpr bool kQInRegs = kOAndSRegs + kQRegs <= 160;
+    struct QFrags {
+        uint32_t r[kQInRegs ? kMT : 1][kQInRegs ? D / 16 : 1][4];
+    };
+    // Keys per softmax chunk. Where O + S would take more than that (none of the listed tiles;
+    // e.g. d = 80 with 128 keys), a step walks its block in two halves (S of BN / 2 keys): the
+    // loads, the barrier and the prefetch distance stay those of the full block, and the step fits.
+    static constexpr int kChunkN = (kOAndSRegs > 160 && !kParkRowSums && BN % 32 == 0) ? BN / 2 : BN;
 
     const FaParams& p;
     unsigned char* smem;  // the dynamic shared memory (generic pointer into the shared window)
@@ -265,32 +323,60 @@ struct FwdMainloop {
         return st;
     }
 
-    // K and V of KV block n into ring stage `stage`; keys >= sk are zero-filled (zero V rows
+    // K (or V) of KV block n into ring stage `stage`; keys >= sk are zero-filled (zero V rows
     // keep P V finite where P is 0). kFullBlock: the caller knows the block holds BN keys.
     template <bool kFullBlock>
-    __device__ __forceinline__ void load_kv(const State& st, int n_block, int stage) const {
-        const int tid = ptx::thread_idx_x();
-        const int rows_valid = st.mask.seqlen_k - n_block * BN;
+    __device__ __forceinline__ void load_k(const State& st, int n_block, int stage) const {
         const int64_t row0 = static_cast<int64_t>(n_block) * BN;
         const uint32_t stage_offset = static_cast<uint32_t>(stage) * Smem::kKvStageBytes;
         KvCopy::template issue<kFullBlock>(smem_base() + Smem::kKOffset + stage_offset, st.k + row0 * p.k_row_stride,
-                                           p.k_row_stride, rows_valid, tid);
+                                           p.k_row_stride, st.mask.seqlen_k - n_block * BN, ptx::thread_idx_x());
+    }
+    template <bool kFullBlock>
+    __device__ __forceinline__ void load_v(const State& st, int n_block, int stage) const {
+        const int64_t row0 = static_cast<int64_t>(n_block) * BN;
+        const uint32_t stage_offset = static_cast<uint32_t>(stage) * Smem::kKvStageBytes;
         KvCopy::template issue<kFullBlock>(smem_base() + Smem::kVOffset + stage_offset, st.v + row0 * p.v_row_stride,
-                                           p.v_row_stride, rows_valid, tid);
+                                           p.v_row_stride, st.mask.seqlen_k - n_block * BN, ptx::thread_idx_x());
+    }
+    template <bool kFullBlock>
+    __device__ __forceinline__ void load_kv(const State& st, int n_block, int stage) const {
+        load_k<kFullBlock>(st, n_block, stage);
+        load_v<kFullBlock>(st, n_block, stage);
     }
 
     // Publishes the walk state and starts the ring: Q rows [0, rows_valid) of the block (row 0
-    // at q; the rest zero-filled) and the blocks of the first S-1 walk steps. Loads nothing when
-    // the walk is empty, so that the epilogue may reuse Q's smem at once.
+    // at q; the rest zero-filled) and the blocks of the first S-1 walk steps (S = 1: the K of
+    // step 0). Loads nothing when the walk is empty, so that the epilogue may reuse Q's smem at
+    // once.
     __device__ __forceinline__ void prologue(const State& st, const T* q, int rows_valid) const {
         const int tid = ptx::thread_idx_x();
         if (tid == 0) store_state(st);
         const int num_blocks = st.plan.num_blocks();
         if (num_blocks > 0) QCopy::issue(smem_base() + Smem::kQOffset, q, p.q_row_stride, rows_valid, tid);
-#pragma unroll
-        for (int t = 0; t < S - 1; ++t) {
-            if (t < num_blocks) load_kv</*kFullBlock=*/false>(st, st.plan.block_at(t), t);
+        if constexpr (S == 1) {
+            if (num_blocks > 0) load_k</*kFullBlock=*/false>(st, st.plan.block_at(0), 0);
             ptx::cp_async_commit_group();
+        } else {
+#pragma unroll
+            for (int t = 0; t < S - 1; ++t) {
+                if (t < num_blocks) load_kv</*kFullBlock=*/false>(st, st.plan.block_at(t), t);
+                ptx::cp_async_commit_group();
+            }
+        }
+    }
+
+    // (kQInRegs) Waits for Q (group 0 of the prologue) and loads the warp's Q fragments; the
+    // first step's wait and barrier then find group 0 complete. Does nothing otherwise.
+    __device__ __forceinline__ void load_q(QFrags& q) const {
+        if constexpr (kQInRegs) {
+            ptx::cp_async_wait_group<(S >= 2 ? S - 2 : 0)>();
+            // Every thread's share of Q has landed.
+            __syncthreads();
+            const int tid = ptx::thread_idx_x();
+            const int warp = tid / 32, lane = tid % 32;
+            load_q_frags<T, kMT, D, kPitch>(
+                q.r, smem_base() + Smem::kQOffset + warp * kWarpRows * kPitch + Lane::a_x4(lane));
         }
     }
 
@@ -307,9 +393,19 @@ struct FwdMainloop {
     // kMasked: the block needs the element mask (t < plan.num_masked()); unmasked steps only
     // refill unmasked blocks, which hold BN keys each, so their loads need no bound either.
     template <bool kMasked, class Softmax>
-    __device__ __forceinline__ Next step(int t, float (&o)[kMT][kDT][4], Softmax& softmax) const {
+    __device__ __forceinline__ Next step(int t, const QFrags& q, float (&o)[kMT][kDT][4], Softmax& softmax) const {
+        if constexpr (S == 1) {
+            return step_single_stage<kMasked>(t, q, o, softmax);
+        } else {
+            return step_ring<kMasked>(t, q, o, softmax);
+        }
+    }
+
+    // Walk step t of the S >= 2 ring: one barrier; the block of step t+S-1 loads while block t computes.
+    template <bool kMasked, class Softmax>
+    __device__ __forceinline__ Next step_ring(int t, const QFrags& q, float (&o)[kMT][kDT][4], Softmax& softmax) const {
         // Group t (block t, and Q at t = 0) has landed for this thread ...
-        ptx::cp_async_wait_group<S - 2>();
+        ptx::cp_async_wait_group<(S >= 2 ? S - 2 : 0)>();
         // ... and for every thread; every warp has left step t-1, whose stage is refilled below;
         // and (at t = 0) the walk state is published.
         __syncthreads();
@@ -321,55 +417,149 @@ struct FwdMainloop {
         }
         // Always commit (maybe an empty group) so that group index == walk step for wait_group.
         ptx::cp_async_commit_group();
-        compute<kMasked>(t, kMasked ? st.plan.block_at(t) : st.plan.unmasked_block_at(t), st, o, softmax);
+        compute<kMasked>(t, kMasked ? st.plan.block_at(t) : st.plan.unmasked_block_at(t), st, q, o, softmax);
         // Re-read rather than keep the plan live across the step's register peak.
         return next_after(t, load_state().plan);
     }
 
-    // Keys per softmax chunk. Where O + S would take ~190 of the 255 registers (d = 128 with
-    // 32 rows per warp), a step walks its block in two halves (S of BN / 2 keys): the loads,
-    // the barrier and the prefetch distance stay those of the full block, and the step fits.
-    static constexpr int kChunkN = (kMT * kDT * 4 + kMT * kNT * 4 > 160 && BN % 32 == 0) ? BN / 2 : BN;
+    // Walk step t with one K and one V buffer (S = 1, FlashAttention-2's forward pipeline; the
+    // smem of one stage lets two blocks share an SM where two stages would not, d = 256 with
+    // 64 x 64). Two barriers: V of block t loads during S = Q K^T, K of block t+1 during the
+    // softmax and O += P V.
+    template <bool kMasked, class Softmax>
+    __device__ __forceinline__ Next step_single_stage(int t, const QFrags& q, float (&o)[kMT][kDT][4],
+                                                      Softmax& softmax) const {
+        static_assert(kChunkN == BN, "the single-stage step holds a whole block of scores");
+        // K of block t (and Q, at t = 0) has landed for this thread ...
+        ptx::cp_async_wait_group<0>();
+        // ... and for every thread; every warp has finished step t-1's P V, so V's buffer may be
+        // refilled; (at t = 0) the walk state is published.
+        __syncthreads();
+        State st = load_state();
+        const int n_block = kMasked ? st.plan.block_at(t) : st.plan.unmasked_block_at(t);
+        load_v</*kFullBlock=*/!kMasked>(st, n_block, 0);
+        ptx::cp_async_commit_group();
+
+        const int tid = ptx::thread_idx_x();
+        const int warp = tid / 32, lane = tid % 32;
+        // See compute(): a warp that sees no key of the block skips its math (not its barriers).
+        const int warp_row0 = st.m_begin + warp * kWarpRows;
+        const bool skip =
+            kMasked && st.mask.hides(warp_row0, warp_row0 + kWarpRows - 1, n_block * BN, (n_block + 1) * BN);
+        float s[kMT][kNT][4];  // [16*kMT rows][BN keys] scores
+        if (!skip) chunk_qk(s, q, smem_base() + Smem::kKOffset + Lane::b_x4(lane), warp, lane);
+
+        // V of block t has landed for this thread ...
+        ptx::cp_async_wait_group<0>();
+        // ... and for every thread; every warp has finished Q K^T, so K's buffer may be refilled.
+        __syncthreads();
+        st = load_state();
+        if (t + 1 < st.plan.num_blocks()) {
+            const int n_next = kMasked ? st.plan.block_at(t + 1) : st.plan.unmasked_block_at(t + 1);
+            load_k</*kFullBlock=*/!kMasked>(st, n_next, 0);
+        }
+        ptx::cp_async_commit_group();
+        if (!skip) {
+            chunk_softmax_pv<kMasked>(s, o, softmax, st, warp_row0 + lane / 4, n_block * BN + 2 * (lane % 4),
+                                      smem_base() + Smem::kVOffset + Lane::bt_x4(lane));
+        }
+        return next_after(t, load_state().plan);
+    }
+
+    // This thread's parking line: the pad of K stage row `tid` (stage tid / BN, row tid % BN).
+    // Only this thread touches it, so program order alone orders its stores and loads.
+    __device__ __forceinline__ uint32_t row_sum_park() const {
+        const int tid = ptx::thread_idx_x();
+        return smem_base() + Smem::kKOffset + (tid / BN) * Smem::kKvStageBytes + (tid % BN) * kPitch +
+               D * static_cast<int>(sizeof(T));
+    }
+    template <class Softmax>
+    __device__ __forceinline__ void park_row_sums(const Softmax& softmax) const {
+        if constexpr (kParkRowSums) {
+            static_assert(Softmax::kRows <= 4, "one 16-byte pad line holds the row sums of one lane");
+            uint32_t v[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+            for (int r = 0; r < Softmax::kRows; ++r) v[r] = __float_as_uint(softmax.row_sum[r]);
+            ptx::st_shared_v4_b32(row_sum_park(), make_uint4(v[0], v[1], v[2], v[3]));
+        }
+    }
+    template <class Softmax>
+    __device__ __forceinline__ void unpark_row_sums(Softmax& softmax) const {
+        if constexpr (kParkRowSums) {
+            const uint4 line = ptx::ld_shared_v4_b32(row_sum_park());
+            const uint32_t v[4] = {line.x, line.y, line.z, line.w};
+#pragma unroll
+            for (int r = 0; r < Softmax::kRows; ++r) softmax.row_sum[r] = __uint_as_float(v[r]);
+        }
+    }
 
     // The math of walk step t on KV block n_block: S = Q K^T, score mods, mask (kMasked),
     // online softmax, O += P V, in chunks of kChunkN keys. Lane-derived addresses and indices are recomputed from %tid
     // (cheap) rather than held in registers across the loop.
     template <bool kMasked, class Softmax>
-    __device__ __forceinline__ void compute(int t, int n_block, const State& st, float (&o)[kMT][kDT][4],
-                                            Softmax& softmax) const {
+    __device__ __forceinline__ void compute(int t, int n_block, const State& st, const QFrags& q,
+                                            float (&o)[kMT][kDT][4], Softmax& softmax) const {
         constexpr int kChunkNT = kChunkN / 8;
         static_assert(BN % kChunkN == 0 && kChunkN % 16 == 0, "a chunk is whole k16 steps of P V");
         const int tid = ptx::thread_idx_x();
         const int warp = tid / 32, lane = tid % 32;
+        if constexpr (kMasked) {
+            // A warp none of whose rows sees this block (e.g. the upper half of a 128-row query
+            // block on the causal diagonal's last KV block) skips it: O, sums and maxima are
+            // unchanged by a block of -inf scores. Warp-uniform; its issue slots go to the
+            // other resident block.
+            const int warp_row0 = st.m_begin + warp * kWarpRows;
+            if (st.mask.hides(warp_row0, warp_row0 + kWarpRows - 1, n_block * BN, (n_block + 1) * BN)) return;
+        }
         const uint32_t stage_offset = static_cast<uint32_t>(stage_of(t)) * Smem::kKvStageBytes;
-        const uint32_t q_lane = smem_base() + Smem::kQOffset + warp * kWarpRows * kPitch + Lane::a_x4(lane);
         const uint32_t k_lane = smem_base() + Smem::kKOffset + stage_offset + Lane::b_x4(lane);
         const uint32_t v_lane = smem_base() + Smem::kVOffset + stage_offset + Lane::bt_x4(lane);
         // Sequence row / key column of this lane's fragment element [0][0][0].
         const int row0 = st.m_begin + warp * kWarpRows + lane / 4;
         const int col0 = n_block * BN + 2 * (lane % 4);
-        const ScoreMod mod(p, st.alibi_slope, st.mask.diag);
 
         // Not unrolled: each chunk's S = Q K^T must not overlap the previous chunk's P V, or the
         // two sets of scores are live at once and the split buys nothing.
 #pragma unroll 1
         for (int chunk = 0; chunk < BN / kChunkN; ++chunk) {
             float s[kMT][kChunkNT][4];  // [16*kMT rows][kChunkN keys] scores
-#pragma unroll
-            for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-                for (int nt = 0; nt < kChunkNT; ++nt)
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) s[mt][nt][i] = 0.f;
-            warp_gemm_qk<T, kMT, kChunkNT, D, kPitch>(s, q_lane, k_lane + chunk * kChunkN * kPitch);
-
-            const int chunk_col0 = col0 + chunk * kChunkN;
-            if (mod.active()) mod.apply(s, row0, chunk_col0);
-            if constexpr (kMasked) st.mask.apply(s, row0, chunk_col0);
-            softmax.online_softmax(s, o);
-
-            warp_gemm_pv<T, kMT, kChunkNT, kDT, kPitch>(o, s, v_lane + chunk * kChunkN * kPitch);
+            chunk_qk(s, q, k_lane + chunk * kChunkN * kPitch, warp, lane);
+            chunk_softmax_pv<kMasked>(s, o, softmax, st, row0, col0 + chunk * kChunkN,
+                                      v_lane + chunk * kChunkN * kPitch);
         }
+    }
+
+    // S = Q K^T of one chunk: s zeroed and accumulated; k_lane: the chunk's K rows + b_x4.
+    template <int NT>
+    __device__ __forceinline__ void chunk_qk(float (&s)[kMT][NT][4], const QFrags& q, uint32_t k_lane, int warp,
+                                             int lane) const {
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) s[mt][nt][i] = 0.f;
+        if constexpr (kQInRegs) {
+            warp_gemm_qk_rq<T, kMT, NT, D, kPitch>(s, q.r, k_lane);
+        } else {
+            const uint32_t q_lane = smem_base() + Smem::kQOffset + warp * kWarpRows * kPitch + Lane::a_x4(lane);
+            warp_gemm_qk<T, kMT, NT, D, kPitch>(s, q_lane, k_lane);
+        }
+    }
+
+    // Score mods, mask (kMasked), online softmax and O += P V of one chunk whose element
+    // [0][0][0] sits at (row0, col0); v_lane: the chunk's V rows + bt_x4.
+    template <bool kMasked, int NT, class Softmax>
+    __device__ __forceinline__ void chunk_softmax_pv(float (&s)[kMT][NT][4], float (&o)[kMT][kDT][4],
+                                                     Softmax& softmax, const State& st, int row0, int col0,
+                                                     uint32_t v_lane) const {
+        const ScoreMod mod(p, st.alibi_slope, st.mask.diag);
+        if (mod.active()) mod.apply(s, row0, col0);
+        if constexpr (kMasked) st.mask.apply(s, row0, col0);
+        unpark_row_sums(softmax);
+        softmax.online_softmax_lazy(s, o);
+        park_row_sums(softmax);
+        warp_gemm_pv<T, kMT, NT, kDT, kPitch>(o, s, v_lane);
     }
 };
 

@@ -2,7 +2,8 @@
 // mbarrier pipelines, wgmma (SS for Q.K^T, RS for P.V), a producer warp plus 2 or 3 consumer
 // warpgroups with setmaxnreg rebalancing, ping-pong between the consumer warpgroups,
 // intra-warpgroup overlap of softmax with the next GEMM, a persistent longest-first tile
-// scheduler, causal / window / sink-token block skipping, O written through shared memory.
+// scheduler (dynamic under masks / varlen), causal / window / sink-token block skipping, O stored
+// from registers.
 //
 // This file only composes: mainloop.cuh (producer loads, consumer GEMMs + softmax),
 // epilogue.cuh (O / LSE stores), scheduler.cuh (tiles and KV block ranges).
@@ -15,21 +16,22 @@
 // Kernel:
 //     extern "C" __global__ void __launch_bounds__(W * 32, 1)
 //     NAME(const __grid_constant__ FaParams p, const __grid_constant__ CUtensorMap tma_q,
-//          const __grid_constant__ CUtensorMap tma_k, const __grid_constant__ CUtensorMap tma_v,
-//          const __grid_constant__ CUtensorMap tma_o)
+//          const __grid_constant__ CUtensorMap tma_k, const __grid_constant__ CUtensorMap tma_v)
 // Grid:  (min(num_sms, total_tiles), 1, 1), total_tiles = ceil(p.seqlen_q / BM) * p.num_heads
 //        * p.batch (p.seqlen_q: the max over sequences for varlen). Persistent: the kernel walks
-//        its tiles itself (static round-robin, L2 sections, longest first); p.semaphore unused.
+//        its tiles itself (L2 sections, longest first; scheduler.cuh): round-robin when
+//        p.semaphore is null, else claimed from the int32 counter p.semaphore points to, which
+//        must be 0 at launch (the launcher sets it for causal / window masks and varlen).
 // Block: W * 32 threads = one producer warpgroup + BM / 64 consumer warpgroups.
 // Dynamic shared memory: SMEM bytes (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES set to it).
 // Plain cuLaunchKernel, cluster size 1.
 // Tensor maps (src/sm90_tma.rs, `encode_fwd_tensor_maps`): rank 5, innermost first
 //     dims    (PW, rows, D / PW, heads, batch)          PW = swizzle bytes / 2 (layout.cuh)
 //     strides (row_stride, PW, head_stride, batch_stride) x sizeof(T) bytes
-//     box     (PW, 64 [Q, O] or BN [K, V], D / PW, 1, 1), swizzle 128 / 64 / 32 B for PW = 64 / 32 / 16
+//     box     (PW, 64 [Q] or BN [K, V], D / PW, 1, 1), swizzle 128 / 64 / 32 B for PW = 64 / 32 / 16
 //     rows = seqlen_q / seqlen_k (dense, batch = p.batch) or total_q / total_k (varlen, batch 1)
 // The kernel issues box coordinates (0, row, 0, head, batch) with row = q_row0 + i (varlen: the
-// global row cu_seqlens[b] + i, batch coordinate 0).
+// global row cu_seqlens[b] + i, batch coordinate 0). O and LSE are written with plain stores.
 // ================================================================================================
 #pragma once
 
@@ -59,12 +61,13 @@ struct RegisterSplit {
 
 template <typename T, int D, int BM, int BN, int W, int STAGES, int SMEM>
 __device__ __forceinline__ void fwd_kernel(const FaParams& p, const CUtensorMap* tma_q, const CUtensorMap* tma_k,
-                                           const CUtensorMap* tma_v, const CUtensorMap* tma_o) {
+                                           const CUtensorMap* tma_v) {
     using Layout = SharedLayout<T, D, BM, BN, STAGES>;
     using ML = Mainloop<T, D, BM, BN, STAGES>;
     using Epi = Epilogue<T, D, BM, BN>;
     using Work = TileWork<BM, BN>;
     using Regs = RegisterSplit<BM / 64>;
+    using Sched = TileScheduler<BM, 2 * D * static_cast<int>(sizeof(T))>;
     constexpr int kConsumerWGs = BM / 64;
     static_assert(W == 4 * (kConsumerWGs + 1), "W = 4 warps of the producer warpgroup + 4 per consumer warpgroup (BM / 64)");
     static_assert(SMEM == static_cast<int>(Layout::kSmemBytes),
@@ -90,56 +93,62 @@ __device__ __forceinline__ void fwd_kernel(const FaParams& p, const CUtensorMap*
         // their registers ----
         setmaxnreg_dec<Regs::kProducer>();
         if (warp == 0) {
-            TileScheduler<BM> const sched(p, 2 * D * static_cast<int>(sizeof(T)));
             bool const leader = elect_one();
             if (leader) {
                 tma_prefetch_descriptor(tma_q);
                 tma_prefetch_descriptor(tma_k);
                 tma_prefetch_descriptor(tma_v);
-                tma_prefetch_descriptor(tma_o);
             }
             typename ML::Producer producer;
+            TileFeed<STAGES> feed;
+            int const lane = static_cast<int>(threadIdx.x % 32);
+            int t = Sched::first();
 #pragma unroll 1
-            for (int t = sched.first(); sched.valid(t); t = sched.next(t)) {
-                Work const w(p, sched.coord(t));
-                if (!w.has_rows() || w.blocks.count() == 0) continue;  // the consumers skip it too
-                producer.load_tile(p, tma_q, tma_k, tma_v, sm, bars, w, leader);
+            while (true) {
+                feed.put(bars, t, leader);  // the invalid last index stops the consumers
+                if (!Sched::valid(p, t)) break;
+                // Claim the next tile now: the atomic's latency hides behind this tile's loads.
+                int const claimed = lane == 0 ? Sched::claim(p) : 0;
+                Work const w(p, Sched::coord(p, t));
+                // Tiles without rows or keys: the consumers handle them without loads.
+                if (w.has_rows() && w.blocks.count() > 0) producer.load_tile(p, tma_q, tma_k, tma_v, sm, bars, w, leader);
+                t = Sched::next(p, t, __shfl_sync(0xffffffffu, claimed, 0));
             }
         }
     } else {
         // ---- consumer warpgroups ----
         setmaxnreg_inc<Regs::kConsumer>();
-        TileScheduler<BM> const sched(p, 2 * D * static_cast<int>(sizeof(T)));
         int const cwg = warpgroup - 1;
         int const thread_in_wg = static_cast<int>(threadIdx.x) % 128;
         typename ML::Consumer consumer(cwg);
+        TileFeed<STAGES> feed;
         consumer.turn_start();
 #pragma unroll 1
-        for (int t = sched.first(); sched.valid(t); t = sched.next(t)) {
-            Work const w(p, sched.coord(t));
-            if (!w.has_rows()) continue;
-            if (w.blocks.count() == 0) {
-                Epi::store_zero(p, w, cwg, thread_in_wg);
+        while (true) {
+            int const t = feed.take(bars);
+            if (!Sched::valid(p, t)) break;  // the producer's stop index
+            Work const w(p, Sched::coord(p, t));
+            if (!w.has_rows() || w.blocks.count() == 0) {
+                if (w.has_rows()) Epi::store_zero(p, w, cwg, thread_in_wg);
+                feed.release(bars);
                 continue;
             }
             OnlineSoftmax<BN> softmax;
             float o[D / 2];
             consumer.mma_tile(p, w, sm, bars, ScoreMod(p, w.coord.batch, w.coord.head), softmax, o);
 
-            // The epilogue re-derives the tile from t rather than keeping it in registers through
-            // the main loop (register pressure: the loop holds S, P and O).
-            Work const we(p, sched.coord(t));
+            // The epilogue re-reads the tile index and re-derives the tile rather than keeping
+            // them in registers through the main loop (register pressure: the loop holds S, P, O).
+            Work const we(p, Sched::coord(p, feed.current(bars)));
             bool const has_sink = p.sink_logits != nullptr;
             float const sink_logit = has_sink ? p.sink_logits[we.coord.head] : 0.0f;
             float o_scale[2];
             float lse[2];
             softmax.finalize(ScoreMod::exp2_scale_of(p), has_sink, sink_logit, o_scale, lse);
             ML::Consumer::rescale(o, o_scale);
-            Epi::store(p, tma_o, we, cwg, thread_in_wg, sm.generic(sm.q_slab(cwg)), sm.q_slab(cwg), bars.q_empty(), o,
-                       lse);
+            Epi::store(p, we, cwg, thread_in_wg, o, lse);
+            feed.release(bars);
         }
-        // The last TMA stores of O must have landed before the CTA retires.
-        if (thread_in_wg == 0) tma_store_wait_all();
     }
 }
 
@@ -149,7 +158,6 @@ __device__ __forceinline__ void fwd_kernel(const FaParams& p, const CUtensorMap*
 #define FA_SM90_FWD_KERNEL(NAME, T, D, BM, BN, W, S, SMEM)                                                   \
     extern "C" __global__ void __launch_bounds__((W) * 32, 1)                                                \
         NAME(const __grid_constant__ FaParams p, const __grid_constant__ CUtensorMap tma_q,                  \
-             const __grid_constant__ CUtensorMap tma_k, const __grid_constant__ CUtensorMap tma_v,           \
-             const __grid_constant__ CUtensorMap tma_o) {                                                    \
-        ::fa::sm90::fwd_kernel<T, D, BM, BN, W, S, SMEM>(p, &tma_q, &tma_k, &tma_v, &tma_o);                 \
+             const __grid_constant__ CUtensorMap tma_k, const __grid_constant__ CUtensorMap tma_v) {         \
+        ::fa::sm90::fwd_kernel<T, D, BM, BN, W, S, SMEM>(p, &tma_q, &tma_k, &tma_v);                         \
     }

@@ -1,7 +1,7 @@
 // Shared-memory geometry of the sm90 forward kernel: swizzled tiles, wgmma descriptors, and the
 // byte layout of the whole dynamic shared-memory block.
 //
-// Every Q, K, V (and O) tile is stored the way TMA writes a box (PW, ROWS, PANELS) with a
+// Every Q, K and V tile is stored the way TMA writes a box (PW, ROWS, PANELS) with a
 // swizzle of SWB bytes: `[panel][row][PW elements]`, one SWB-byte line per (panel, row), 16-byte
 // chunks XOR-swizzled within each 8-line atom (CuTe's Swizzle<log2(SWB/16), 4, 3>). The head dim
 // is cut into panels of PW = SWB / sizeof(T) elements because one swizzled line holds at most
@@ -101,11 +101,12 @@ struct SmemTile {
 };
 
 // The dynamic shared-memory block of one CTA, in bytes from a 1024-aligned base:
-//   Q      NUM_CONSUMER_WG slabs of 64 rows (slab w belongs to consumer warpgroup w; its O tile
-//          is written back into the same slab by the epilogue)
+//   Q      NUM_CONSUMER_WG slabs of 64 rows (slab w belongs to consumer warpgroup w)
 //   K      STAGES tiles of BN rows
 //   V      STAGES tiles of BN rows
-//   mbarriers (8 bytes each): q_full, q_empty, v_fix, k_full[S], k_empty[S], v_full[S], v_empty[S]
+//   mbarriers (8 bytes each): q_full, q_empty, v_fix, k_full[S], k_empty[S], v_full[S], v_empty[S],
+//          tile_full[2], tile_empty[2]
+//   tile slots: 2 x int32, the tile indices the producer hands to the consumers
 // plus 1024 bytes of slack to align the base at run time.
 //
 // src/cells.rs (`sm90_fwd_smem_bytes`) computes the same total; fwd.cuh static_asserts equality.
@@ -120,8 +121,9 @@ struct SharedLayout {
     static constexpr uint32_t kKOffset = kQOffset + kConsumerWGs * QSlab::kStride;
     static constexpr uint32_t kVOffset = kKOffset + STAGES * KVTile::kStride;
     static constexpr uint32_t kBarrierOffset = kVOffset + STAGES * KVTile::kStride;
-    static constexpr int kNumBarriers = 3 + 4 * STAGES;
-    static constexpr uint32_t kUsedBytes = kBarrierOffset + 8u * kNumBarriers;
+    static constexpr int kNumBarriers = 3 + 4 * STAGES + 4;
+    static constexpr uint32_t kTileSlotOffset = kBarrierOffset + 8u * kNumBarriers;
+    static constexpr uint32_t kUsedBytes = kTileSlotOffset + 8u;
     static constexpr uint32_t kAlignSlack = 1024;
     static constexpr uint32_t kSmemBytes = kUsedBytes + kAlignSlack;
     static_assert(kSmemBytes <= 227u * 1024u, "the tile does not fit the 227 KB of shared memory of an H100/H200 CTA");

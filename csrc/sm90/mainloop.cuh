@@ -133,9 +133,9 @@ struct Mainloop {
                                   bool leader) {
             int const count = w.blocks.count();
             load_k(w, tma_k, sm, bars, w.blocks.block(0), st, leader);
-            // Q slabs double as the O staging buffers of the previous tile: wait until every
-            // consumer warpgroup has stored its O (q_empty), or the TMA overwrites O before the
-            // epilogue's TMA store has read it.
+            // Wait until every consumer warp's last Q.K^T of the previous tile has completed
+            // (q_empty), or the TMA overwrites Q under a running wgmma. The consumers release Q
+            // before their last P.V and epilogue, so this load overlaps both.
             mbarrier_wait(bars.q_empty(), q_phase ^ 1u);
             if (leader) {
                 mbarrier_arrive_expect_tx(bars.q_full(), Layout::kQBytes);
@@ -275,6 +275,7 @@ struct Mainloop {
             q_phase ^= 1u;
 
             // S of the first block, alone (nothing to overlap it with yet). K must have landed.
+            int const count = w.blocks.count();
             mbarrier_wait(bars.k_full(st.stage), st.phase);
             turn_wait();
             issue_qk(s, sm, st.stage);
@@ -282,13 +283,15 @@ struct Mainloop {
             wgmma_wait<0>();
             fence_operands(s);
             release(bars.k_empty(st.stage));
+            // This warp's last read of Q has completed: the producer may load the next tile's Q
+            // (q_empty counts one arrival per consumer warp; without it the producer hangs).
+            if (count == 1) release(bars.q_empty());
 
             // Iteration k: softmax of block k (S complete) while P.V of block k - 1 may still run,
             // then issue S of block k + 1 and P.V of block k. The loop is rotated so that the
             // softmax and mask code is instantiated once, and every path into the softmax has
             // only the P.V group pending (it reads neither s, which the softmax uses, nor
             // anything the softmax writes): ptxas can then keep the wgmmas asynchronous.
-            int const count = w.blocks.count();
 #pragma unroll 1
             for (int k = 0; k < count; ++k) {
                 softmax_step(p, s, w, w.blocks.block(k), mod, steps, sm_state, o_scale);
@@ -319,6 +322,7 @@ struct Mainloop {
                 wgmma_wait<1>();  // the older group, S, is done; P.V may still run
                 fence_operands(s);
                 release(bars.k_empty(st.stage));
+                if (k + 2 == count) release(bars.q_empty());  // that was the last Q.K^T (see above)
             }
 
             // ---- last P.V: V of the last block lives in stage st ----

@@ -5,8 +5,8 @@
 //
 //   barrier      arrivals        completed by                         waited on by
 //   q_full       1 + tx bytes    producer expect_tx + TMA Q            consumers, once per tile
-//   q_empty      C               one thread per consumer WG, after    producer, before loading Q
-//                                its O slab left shared memory
+//   q_empty      4 C             one lane per consumer warp, after    producer, before loading Q
+//                                its last Q·K^T of the tile completed
 //   k_full[s]    1 + tx bytes    producer expect_tx + TMA K            consumers
 //   k_empty[s]   4 C             one lane per consumer warp, after    producer, before reusing s
 //                                the Q·K^T reading stage s completed
@@ -16,6 +16,10 @@
 //                                the P·V reading stage s completed
 //   v_fix        1 + tx bytes    producer's own TMA V of a block       the producer itself
 //                                that straddles seqused_k
+//   tile_full[i] 1               producer, after writing the index    consumers, before each tile
+//                                of its next tile into slot i
+//   tile_empty[i] 4 C            one lane per consumer warp, after    producer, before rewriting
+//                                the epilogue of the tile in slot i    slot i
 //
 // Parity convention: a consumer waits on a full barrier with the phase bit of its PipelineState;
 // the producer waits on the matching empty barrier with the opposite bit, which lets its first
@@ -35,19 +39,12 @@ enum class NamedBarrier : uint32_t {
     TurnWG0 = 1,
     TurnWG1 = 2,
     TurnWG2 = 3,
-    // The 128 threads of consumer warpgroup w in the epilogue (O slab written / read back).
-    EpilogueWG0 = 4,
-    EpilogueWG1 = 5,
-    EpilogueWG2 = 6,
 };
 
 constexpr int kMaxConsumerWarpgroups = 3;
 constexpr uint32_t kThreadsPerWarpgroup = 128;
-static_assert(static_cast<uint32_t>(NamedBarrier::EpilogueWG0) + kMaxConsumerWarpgroups <= 16,
+static_assert(static_cast<uint32_t>(NamedBarrier::TurnWG0) + kMaxConsumerWarpgroups <= 16,
               "the hardware has 16 named barriers per CTA");
-static_assert(static_cast<uint32_t>(NamedBarrier::TurnWG0) + kMaxConsumerWarpgroups <=
-                  static_cast<uint32_t>(NamedBarrier::EpilogueWG0),
-              "turn and epilogue barrier ids must not overlap");
 
 __device__ __forceinline__ uint32_t barrier_id(NamedBarrier b, int warpgroup = 0) {
     return static_cast<uint32_t>(b) + static_cast<uint32_t>(warpgroup);
@@ -80,13 +77,20 @@ struct Barriers {
     __device__ __forceinline__ uint32_t k_empty(int s) const { return base + 24u + 8u * (STAGES + s); }
     __device__ __forceinline__ uint32_t v_full(int s) const { return base + 24u + 8u * (2 * STAGES + s); }
     __device__ __forceinline__ uint32_t v_empty(int s) const { return base + 24u + 8u * (3 * STAGES + s); }
+    __device__ __forceinline__ uint32_t tile_full(int i) const { return base + 24u + 8u * (4 * STAGES + i); }
+    __device__ __forceinline__ uint32_t tile_empty(int i) const {
+        return base + 24u + 8u * (4 * STAGES + kTileSlots + i);
+    }
+    // The tile-index slots (int32), right after the barriers.
+    __device__ __forceinline__ uint32_t tile_slot(int i) const { return base + 8u * kCount + 4u * i; }
 
-    static constexpr int kCount = 3 + 4 * STAGES;
+    static constexpr int kTileSlots = 2;
+    static constexpr int kCount = 3 + 4 * STAGES + 2 * kTileSlots;
 
     // One thread, before the CTA barrier that precedes every use.
     __device__ __forceinline__ void init(int consumer_warpgroups) const {
         mbarrier_init(q_full(), 1);
-        mbarrier_init(q_empty(), static_cast<uint32_t>(consumer_warpgroups));
+        mbarrier_init(q_empty(), 4u * consumer_warpgroups);
         mbarrier_init(v_fix(), 1);
         for (int s = 0; s < STAGES; ++s) {
             mbarrier_init(k_full(s), 1);
@@ -94,9 +98,56 @@ struct Barriers {
             mbarrier_init(k_empty(s), 4u * consumer_warpgroups);
             mbarrier_init(v_empty(s), 4u * consumer_warpgroups);
         }
+        for (int i = 0; i < kTileSlots; ++i) {
+            mbarrier_init(tile_full(i), 1);
+            mbarrier_init(tile_empty(i), 4u * consumer_warpgroups);
+        }
         // Without this fence the TMA unit (async proxy) may see an uninitialised barrier when it
         // signals complete_tx, and the transaction is lost (the consumers then hang).
         fence_mbarrier_init();
+    }
+};
+
+// Hands tile indices from the producer warp to the consumer warpgroups through the tile slots,
+// a ring of kTileSlots = 2: the producer may publish the next tile while the consumers still
+// work on the current one, whose slot they hold until its epilogue is done (so they can re-read
+// the index there instead of keeping it in a register through the main loop). One counter of
+// handed-over tiles gives slot (n % 2) and phase ((n / 2) % 2).
+template <int STAGES>
+struct TileFeed {
+    static_assert(Barriers<STAGES>::kTileSlots == 2, "slot and phase below are bits 0 and 1 of the counter");
+    uint32_t n = 0;
+
+    __device__ __forceinline__ int slot() const { return static_cast<int>(n & 1u); }
+    __device__ __forceinline__ uint32_t phase() const { return (n >> 1) & 1u; }
+
+    // Producer warp, all lanes; `leader` writes. Also hands over the final, invalid index that
+    // tells the consumers to stop.
+    __device__ __forceinline__ void put(const Barriers<STAGES>& bars, int tile, bool leader) {
+        // The consumers must have finished the tile two back, which held this slot.
+        mbarrier_wait(bars.tile_empty(slot()), phase() ^ 1u);
+        if (leader) {
+            st_shared_b32(bars.tile_slot(slot()), static_cast<uint32_t>(tile));
+            mbarrier_arrive(bars.tile_full(slot()));  // release: orders the store before it
+        }
+        ++n;
+    }
+
+    // Consumers, every thread: the index of the next tile (waits until it is published).
+    __device__ __forceinline__ int take(const Barriers<STAGES>& bars) const {
+        mbarrier_wait(bars.tile_full(slot()), phase());
+        return current(bars);
+    }
+    // The index take() returned, read again from the slot (still held).
+    __device__ __forceinline__ int current(const Barriers<STAGES>& bars) const {
+        return static_cast<int>(ld_shared_b32(bars.tile_slot(slot())));
+    }
+    // Consumers, every thread, once the tile is finished: gives the slot back. Without this
+    // arrival the producer never reuses the slot and hangs.
+    __device__ __forceinline__ void release(const Barriers<STAGES>& bars) {
+        __syncwarp();  // every lane has read the slot before its warp releases it
+        if (threadIdx.x % 32 == 0) mbarrier_arrive(bars.tile_empty(slot()));
+        ++n;
     }
 };
 

@@ -90,6 +90,18 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
 #endif
 }
 
+// ---- shared memory -------------------------------------------------------------------------------
+
+__device__ __forceinline__ void st_shared_b32(uint32_t addr, uint32_t value) {
+    asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(value) : "memory");
+}
+
+__device__ __forceinline__ uint32_t ld_shared_b32(uint32_t addr) {
+    uint32_t value;
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(value) : "r"(addr) : "memory");
+    return value;
+}
+
 // ---- TMA (cp.async.bulk.tensor) ----------------------------------------------------------------
 
 // Pulls a descriptor into the TMA unit's cache ahead of its first use.
@@ -108,29 +120,8 @@ __device__ __forceinline__ void tma_load_5d(uint32_t dst, const CUtensorMap* map
         : "memory");
 }
 
-// 5-D tiled store of one box from shared memory at `src` (elements outside the tensor map's
-// extent are not written). Completion is tracked by bulk groups (commit / wait below).
-__device__ __forceinline__ void tma_store_5d(const CUtensorMap* map, uint32_t src, int c0, int c1, int c2, int c3,
-                                             int c4) {
-    asm volatile("cp.async.bulk.tensor.5d.global.shared::cta.tile.bulk_group [%0, {%2, %3, %4, %5, %6}], [%1];" ::"l"(
-                     reinterpret_cast<uint64_t>(map)),
-                 "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4)
-                 : "memory");
-}
-
-// Closes the current bulk group of this thread's TMA stores.
-__device__ __forceinline__ void tma_store_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
-
-// Waits until every committed bulk group of this thread has finished *reading* shared memory.
-__device__ __forceinline__ void tma_store_wait_smem_read() {
-    asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-}
-
-// Waits until every committed bulk group of this thread has completed (global writes done).
-__device__ __forceinline__ void tma_store_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
-
 // Orders this thread's generic-proxy shared-memory accesses before later async-proxy accesses
-// (TMA store reading what st.shared wrote; wgmma reading what st.shared wrote).
+// (wgmma or TMA reading what st.shared wrote).
 __device__ __forceinline__ void fence_proxy_async_smem() {
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }

@@ -241,6 +241,17 @@ pub fn tests(tests: &mut Vec<Test<Gpu>>) {
             |e| matches!(e, Error::InvalidArgument(_)),
         )
     });
+    add("negative_scale", |g| {
+        expect_error(
+            g,
+            D,
+            |g, b| {
+                let l = b.layout;
+                call(g, b, l, l, l, &FwdOptions::new().softmax_scale(-0.125))
+            },
+            |e| matches!(e, Error::InvalidArgument(_)),
+        )
+    });
     add("sink_tokens_without_mask", |g| {
         expect_error(
             g,

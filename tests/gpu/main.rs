@@ -7,6 +7,7 @@
 //!   tiles and the compute_80 PTX image forced on this device too.
 //! - `errors::*`: bad input returns its typed error and writes nothing.
 
+mod bwd;
 mod errors;
 mod harness;
 mod support;
@@ -304,7 +305,7 @@ fn fwd_cell_tests<T: HostElem>(cell: Cell, has_ptx: bool, tests: &mut Vec<Test<G
     tests.push(Test::new(format!("fwd::{key}::large_varlen_causal"), move |g| {
         check_vs_gpu_reference::<T>(g, &big_varlen, forced(fam), 3.0).map(|_| ())
     }));
-    for (h, hk) in [(8, 8), (8, 2), (8, 1)] {
+    for (h, hk) in [(8, 8), (8, 2), (16, 2), (8, 1)] {
         let mut case = Case::new(2048, 2048, d);
         case.batch = 2;
         case.heads = h;
@@ -331,5 +332,6 @@ fn main() {
         }
     }
     errors::tests(&mut tests);
+    bwd::tests(&mut tests);
     harness::run(tests, support::setup);
 }

@@ -5,8 +5,8 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use flashattn_aot::reference::cpu::{self, Align, LowPrecision, Problem};
 use flashattn_aot::reference::{reference_fwd, reference_fwd_varlen};
 use flashattn_aot::{
-    Alibi, AttnElement, CausalAlign, FwdInfo, FwdOptions, FwdTensors, KernelOverride, Layout, Mask, Tensor, TensorMut,
-    VarlenSeqlens, device_count, device_info, driver_present, flash_fwd, flash_fwd_varlen, open_device,
+    Alibi, AttnElement, BwdInfo, CausalAlign, FwdInfo, FwdOptions, FwdTensors, KernelOverride, Layout, Mask, Tensor,
+    TensorMut, VarlenSeqlens, device_count, device_info, driver_present, flash_fwd, flash_fwd_varlen, open_device,
 };
 use std::sync::Arc;
 
@@ -496,32 +496,17 @@ pub fn bits<T: HostElem>(stream: &Arc<CudaStream>, buf: &CudaSlice<T>) -> Vec<u1
 /// Which backward implementation a check runs.
 #[derive(Clone, Copy, Debug)]
 pub enum WhichBwd {
+    /// `flash_bwd` / `flash_bwd_varlen`, with these overrides (tile variant, smem limit, PTX).
     #[allow(dead_code)]
     Flash {
         deterministic: bool,
+        ov: KernelOverride,
     },
     Reference,
 }
 
-/// Runs the GPU reference forward (for O and LSE), then `which` backward on poisoned gradients,
-/// and checks dq, dk, dv (and dsink) against the f64 CPU backward with FlashAttention's rule.
-pub fn check_bwd_vs_cpu<T: HostElem>(gpu: &Gpu, case: &Case, which: WhichBwd) -> Result<(), String> {
-    use flashattn_aot::reference::reference_bwd;
-    use flashattn_aot::{BwdOptions, BwdTensors, flash_bwd};
-    if case.varlen.is_some() || case.seqused_k.is_some() {
-        return Err("check_bwd_vs_cpu takes dense cases".into());
-    }
-    let s = &gpu.stream;
-    let inp = prepare::<T>(gpu, case)?;
-    let mut rng = cpu::Rng::new(case.seed ^ 0xd0);
-    let dout = cpu::randn_plus_half(&mut rng, inp.q.len(), T::PREC);
-    let dout_dev = s
-        .clone_htod(&scatter::<T>(&dout, &inp.q_layout, inp.rows_per_batch_q))
-        .map_err(e)?;
-    let n_q = inp.q_layout.extent().unwrap();
-    let n_k = inp.kv_layout.extent().unwrap();
-    let mut out = s.clone_htod(&vec![T::from_f32(f32::NAN); n_q]).map_err(e)?;
-    let mut lse = s.clone_htod(&vec![f32::NAN; case.heads * inp.total_q]).map_err(e)?;
+/// The forward options of `case` (buffers from `inp`).
+fn fwd_options<'a, T>(case: &Case, inp: &'a Inputs<T>) -> FwdOptions<'a> {
     let mut opts = FwdOptions::new().mask(case.mask).sink_tokens(case.sink_tokens);
     if let Some(sc) = case.scale {
         opts = opts.softmax_scale(sc);
@@ -538,73 +523,322 @@ pub fn check_bwd_vs_cpu<T: HostElem>(gpu: &Gpu, case: &Case, which: WhichBwd) ->
     if let Some(sl) = &inp.sinks {
         opts = opts.sink_logits(sl);
     }
-    reference_fwd(
-        s,
-        FwdTensors {
+    opts
+}
+
+/// A backward problem on the device: the inputs, dO (host, packed `[total_q][heads][d]`, and
+/// device), and the GPU reference forward's O and LSE.
+pub struct BwdProblem<T> {
+    pub inp: Inputs<T>,
+    pub dout: Vec<f32>,
+    dout_dev: CudaSlice<T>,
+    out_dev: CudaSlice<T>,
+    lse_dev: CudaSlice<f32>,
+    /// Key rows stored (capacity) in total, and per batch entry of the dense layout.
+    total_k: usize,
+    rows_per_batch_k: usize,
+}
+
+/// The gradients of one backward run, packed: dq `[total_q][heads][d]`, dk / dv
+/// `[total_k capacity rows][heads_k][d]`, dsink `[heads]`.
+pub struct BwdGot {
+    pub dq: Vec<f32>,
+    pub dk: Vec<f32>,
+    pub dv: Vec<f32>,
+    pub dsink: Option<Vec<f32>>,
+    pub info: BwdInfo,
+}
+
+/// Inputs, dO, and O/LSE from a forward: `flash_fwd` when `flash_forward` (how the flash backward
+/// is used: its scores are recomputed by the same kind of MMA as the forward's, as in
+/// FlashAttention's tests), else the GPU reference forward.
+pub fn bwd_prepare<T: HostElem>(gpu: &Gpu, case: &Case, flash_forward: bool) -> Result<BwdProblem<T>, String> {
+    let s = &gpu.stream;
+    let inp = prepare::<T>(gpu, case)?;
+    let mut rng = cpu::Rng::new(case.seed ^ 0xd0);
+    let dout = cpu::randn_plus_half(&mut rng, inp.q.len(), T::PREC);
+    let dout_dev = s
+        .clone_htod(&scatter::<T>(&dout, &inp.q_layout, inp.rows_per_batch_q))
+        .map_err(e)?;
+    let n_q = inp.q_layout.extent().unwrap();
+    let mut out_dev = s.clone_htod(&vec![T::from_f32(f32::NAN); n_q]).map_err(e)?;
+    let mut lse_dev = s
+        .clone_htod(&vec![f32::NAN; (case.heads * inp.total_q).max(1)])
+        .map_err(e)?;
+    {
+        let opts = fwd_options(case, &inp);
+        let t = FwdTensors {
             q: Tensor::new(&inp.q_dev, inp.q_layout),
             k: Tensor::new(&inp.k_dev, inp.kv_layout),
             v: Tensor::new(&inp.v_dev, inp.kv_layout),
-            out: TensorMut::new(&mut out, inp.q_layout),
-            lse: Some(&mut lse),
-        },
-        &opts,
-    )
-    .map_err(e)?;
+            out: TensorMut::new(&mut out_dev, inp.q_layout),
+            lse: Some(&mut lse_dev),
+        };
+        match (&inp.seqlens, flash_forward) {
+            (None, false) => reference_fwd(s, t, &opts).map(|_| ()),
+            (Some(sl), false) => reference_fwd_varlen(s, t, sl, &opts).map(|_| ()),
+            (None, true) => flash_fwd(s, t, &opts).map(|_| ()),
+            (Some(sl), true) => flash_fwd_varlen(s, t, sl, &opts).map(|_| ()),
+        }
+        .map_err(e)?;
+    }
+    let (total_k, rows_per_batch_k) = match &case.varlen {
+        Some((_, lk)) => {
+            let t: usize = lk.iter().sum();
+            (t, t.max(1))
+        }
+        None => (case.batch * case.seqlen_k, case.seqlen_k.max(1)),
+    };
+    Ok(BwdProblem {
+        inp,
+        dout,
+        dout_dev,
+        out_dev,
+        lse_dev,
+        total_k,
+        rows_per_batch_k,
+    })
+}
+
+/// Runs `which` backward on poisoned (NaN) gradients and returns them packed.
+pub fn bwd_run<T: HostElem>(gpu: &Gpu, case: &Case, pb: &BwdProblem<T>, which: WhichBwd) -> Result<BwdGot, String> {
+    use flashattn_aot::reference::{reference_bwd, reference_bwd_varlen};
+    use flashattn_aot::{BwdOptions, BwdTensors, flash_bwd, flash_bwd_varlen};
+    let s = &gpu.stream;
+    let inp = &pb.inp;
+    let n_q = inp.q_layout.extent().unwrap();
+    let n_k = inp.kv_layout.extent().unwrap();
     let mut dq = s.clone_htod(&vec![T::from_f32(f32::NAN); n_q]).map_err(e)?;
     let mut dk = s.clone_htod(&vec![T::from_f32(f32::NAN); n_k]).map_err(e)?;
     let mut dv = s.clone_htod(&vec![T::from_f32(f32::NAN); n_k]).map_err(e)?;
     let mut dsink = s.clone_htod(&vec![f32::NAN; case.heads]).map_err(e)?;
-    let t = BwdTensors {
-        q: Tensor::new(&inp.q_dev, inp.q_layout),
-        k: Tensor::new(&inp.k_dev, inp.kv_layout),
-        v: Tensor::new(&inp.v_dev, inp.kv_layout),
-        out: Tensor::new(&out, inp.q_layout),
-        dout: Tensor::new(&dout_dev, inp.q_layout),
-        lse: &lse,
-        dq: TensorMut::new(&mut dq, inp.q_layout),
-        dk: TensorMut::new(&mut dk, inp.kv_layout),
-        dv: TensorMut::new(&mut dv, inp.kv_layout),
-        dsink: if inp.sinks.is_some() { Some(&mut dsink) } else { None },
+    let info = {
+        let opts = fwd_options(case, inp);
+        let t = BwdTensors {
+            q: Tensor::new(&inp.q_dev, inp.q_layout),
+            k: Tensor::new(&inp.k_dev, inp.kv_layout),
+            v: Tensor::new(&inp.v_dev, inp.kv_layout),
+            out: Tensor::new(&pb.out_dev, inp.q_layout),
+            dout: Tensor::new(&pb.dout_dev, inp.q_layout),
+            lse: &pb.lse_dev,
+            dq: TensorMut::new(&mut dq, inp.q_layout),
+            dk: TensorMut::new(&mut dk, inp.kv_layout),
+            dv: TensorMut::new(&mut dv, inp.kv_layout),
+            dsink: if inp.sinks.is_some() { Some(&mut dsink) } else { None },
+        };
+        match (which, &inp.seqlens) {
+            (WhichBwd::Reference, None) => reference_bwd(s, t, &BwdOptions::new(opts)),
+            (WhichBwd::Reference, Some(sl)) => reference_bwd_varlen(s, t, sl, &BwdOptions::new(opts)),
+            (WhichBwd::Flash { deterministic, ov }, sl) => {
+                let o = BwdOptions::new(opts).deterministic(deterministic).kernel_override(ov);
+                match sl {
+                    None => flash_bwd(s, t, &o),
+                    Some(sl) => flash_bwd_varlen(s, t, sl, &o),
+                }
+            }
+        }
+        .map_err(|err| format!("backward launch failed: {err}"))?
     };
-    let info = match which {
-        WhichBwd::Reference => reference_bwd(s, t, &BwdOptions::new(opts)),
-        WhichBwd::Flash { deterministic } => flash_bwd(s, t, &BwdOptions::new(opts).deterministic(deterministic)),
-    }
-    .map_err(|err| format!("backward launch failed: {err}"))?;
     s.synchronize()
         .map_err(|err| format!("backward kernel failed: {err}"))?;
-    let rows_k = case.seqlen_k;
-    let got_dq = gather(
-        &s.clone_dtoh(&dq).map_err(e)?,
-        &inp.q_layout,
-        inp.total_q,
-        inp.rows_per_batch_q,
-    );
-    let got_dk = gather(
-        &s.clone_dtoh(&dk).map_err(e)?,
-        &inp.kv_layout,
-        case.batch * rows_k,
-        rows_k.max(1),
-    );
-    let got_dv = gather(
-        &s.clone_dtoh(&dv).map_err(e)?,
-        &inp.kv_layout,
-        case.batch * rows_k,
-        rows_k.max(1),
-    );
-    let r = cpu::backward(&inp.problem, &inp.q, &inp.k, &inp.v, &dout);
-    let (bq, bk, bv, bsink) = cpu::backward_lowp(&inp.problem, &inp.q, &inp.k, &inp.v, &dout, T::PREC);
-    let ctx = || format!("{which:?} via {}\ncase: {}", info.symbol, case.describe());
+    let dsink = if inp.sinks.is_some() {
+        Some(s.clone_dtoh(&dsink).map_err(e)?)
+    } else {
+        None
+    };
+    Ok(BwdGot {
+        dq: gather(
+            &s.clone_dtoh(&dq).map_err(e)?,
+            &inp.q_layout,
+            inp.total_q,
+            inp.rows_per_batch_q,
+        ),
+        dk: gather(
+            &s.clone_dtoh(&dk).map_err(e)?,
+            &inp.kv_layout,
+            pb.total_k,
+            pb.rows_per_batch_k,
+        ),
+        dv: gather(
+            &s.clone_dtoh(&dv).map_err(e)?,
+            &inp.kv_layout,
+            pb.total_k,
+            pb.rows_per_batch_k,
+        ),
+        dsink,
+        info,
+    })
+}
+
+/// With `seqused_k`, the key rows a backward must leave at exactly zero (stored but unused) must
+/// be zero; returns dk / dv with only the used rows (the CPU references' packing).
+fn used_key_rows(case: &Case, got: &BwdGot) -> Result<(Vec<f32>, Vec<f32>), String> {
+    let (Some((_, cap)), Some(used)) = (&case.varlen, &case.seqused_k) else {
+        return Ok((got.dk.clone(), got.dv.clone()));
+    };
+    let row = case.heads_k * case.head_dim;
+    let mut start = 0;
+    for (b, (&c, &u)) in cap.iter().zip(used).enumerate() {
+        for (name, x) in [("dk", &got.dk), ("dv", &got.dv)] {
+            if let Some(bad) = x[(start + u) * row..(start + c) * row].iter().position(|v| *v != 0.0) {
+                return Err(format!(
+                    "{name} of sequence {b}: unused key row {} is not zero ({})",
+                    u + bad / row,
+                    x[(start + u) * row + bad]
+                ));
+            }
+        }
+        start += c;
+    }
+    Ok((
+        cpu::keep_used_rows(&got.dk, cap, used, row),
+        cpu::keep_used_rows(&got.dv, cap, used, row),
+    ))
+}
+
+/// Runs the GPU reference forward (for O and LSE), then `which` backward on poisoned gradients,
+/// and checks dq, dk, dv (and dsink) against the f64 CPU backward with FlashAttention's rule.
+/// Dense and varlen (with `seqused_k`: unused key rows must get exact zeros).
+pub fn check_bwd_vs_cpu<T: HostElem>(gpu: &Gpu, case: &Case, which: WhichBwd) -> Result<(), String> {
+    check_bwd_vs_cpu_info::<T>(gpu, case, which).map(|_| ())
+}
+
+/// [`check_bwd_vs_cpu`], returning which kernel ran.
+pub fn check_bwd_vs_cpu_info<T: HostElem>(gpu: &Gpu, case: &Case, which: WhichBwd) -> Result<BwdInfo, String> {
+    let pb = bwd_prepare::<T>(gpu, case, matches!(which, WhichBwd::Flash { .. }))?;
+    let got = bwd_run(gpu, case, &pb, which)?;
+    let inp = &pb.inp;
+    let ctx = || format!("{which:?} via {}\ncase: {}", got.info.symbol, case.describe());
+    let (got_dk, got_dv) = used_key_rows(case, &got).map_err(|m| format!("{m}\n{}", ctx()))?;
+    let (k, v) = match (&case.varlen, &case.seqused_k) {
+        (Some((_, cap)), Some(used)) => {
+            let row = case.heads_k * case.head_dim;
+            (
+                cpu::keep_used_rows(&inp.k, cap, used, row),
+                cpu::keep_used_rows(&inp.v, cap, used, row),
+            )
+        }
+        _ => (inp.k.clone(), inp.v.clone()),
+    };
+    let r = cpu::backward(&inp.problem, &inp.q, &k, &v, &pb.dout);
+    let (bq, bk, bv, bsink) = cpu::backward_lowp(&inp.problem, &inp.q, &k, &v, &pb.dout, T::PREC);
     for (name, got, want, base) in [
-        ("dq", &got_dq, &r.dq, &bq),
+        ("dq", &got.dq, &r.dq, &bq),
         ("dk", &got_dk, &r.dk, &bk),
         ("dv", &got_dv, &r.dv, &bv),
     ] {
         cpu::check_close(name, got, want, base, cpu::atol_for(T::PREC, want)).map_err(|m| format!("{m}\n{}", ctx()))?;
     }
     if let (Some(want), Some(base)) = (&r.dsink, &bsink) {
-        let got: Vec<f32> = s.clone_dtoh(&dsink).map_err(e)?;
-        cpu::check_close("dsink", &got, want, base, cpu::atol_f32(want)).map_err(|m| format!("{m}\n{}", ctx()))?;
+        let got = got.dsink.as_ref().ok_or("dsink was not read back")?;
+        cpu::check_close("dsink", got, want, base, cpu::atol_f32(want)).map_err(|m| format!("{m}\n{}", ctx()))?;
+    }
+    Ok(got.info)
+}
+
+/// Checks `which` backward against the GPU reference backward on the same inputs (shapes too
+/// large for the CPU): every element of dq, dk, dv within `ulps` rounding quanta of the
+/// reference's magnitude (`cpu::atol_for`), dsink within 1e-3 of max(1, |reference|).
+pub fn check_bwd_vs_gpu_reference<T: HostElem>(
+    gpu: &Gpu,
+    case: &Case,
+    which: WhichBwd,
+    ulps: f64,
+) -> Result<BwdInfo, String> {
+    let pb = bwd_prepare::<T>(gpu, case, false)?;
+    let got = bwd_run(gpu, case, &pb, which)?;
+    let want = bwd_run(gpu, case, &pb, WhichBwd::Reference)?;
+    let ctx = || {
+        format!(
+            "{which:?} via {} vs GPU reference\ncase: {}",
+            got.info.symbol,
+            case.describe()
+        )
+    };
+    for (name, a, b) in [
+        ("dq", &got.dq, &want.dq),
+        ("dk", &got.dk, &want.dk),
+        ("dv", &got.dv, &want.dv),
+    ] {
+        let reference: Vec<f64> = b.iter().map(|&x| x as f64).collect();
+        let quantum = cpu::atol_for(T::PREC, &reference);
+        let st = cpu::err_stats(a, &reference);
+        if st.nan_count > 0 || st.max_abs > ulps * quantum {
+            let w = st.worst_index;
+            return Err(format!(
+                "{name}: {st:?} exceeds {ulps} x {quantum} (worst: got {} want {})\n{}",
+                a[w],
+                b[w],
+                ctx()
+            ));
+        }
+    }
+    if let (Some(a), Some(b)) = (&got.dsink, &want.dsink) {
+        for (h, (x, y)) in a.iter().zip(b).enumerate() {
+            if x.is_nan() || (x - y).abs() > 1e-3 * y.abs().max(1.0) {
+                return Err(format!("dsink[{h}]: {x} vs reference {y}\n{}", ctx()));
+            }
+        }
+    }
+    Ok(got.info)
+}
+
+/// Runs `which` (deterministic) `runs` times on the same inputs and requires bitwise-identical
+/// dq, dk, dv and dsink; also checks the first run against the GPU reference (`ulps` quanta).
+pub fn check_bwd_bitwise_reruns<T: HostElem>(
+    gpu: &Gpu,
+    case: &Case,
+    which: WhichBwd,
+    runs: usize,
+    ulps: f64,
+) -> Result<(), String> {
+    let pb = bwd_prepare::<T>(gpu, case, false)?;
+    let first = bwd_run(gpu, case, &pb, which)?;
+    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+    for run in 1..runs {
+        let again = bwd_run(gpu, case, &pb, which)?;
+        for (name, a, b) in [
+            ("dq", &first.dq, &again.dq),
+            ("dk", &first.dk, &again.dk),
+            ("dv", &first.dv, &again.dv),
+        ] {
+            if bits(a) != bits(b) {
+                let i = a
+                    .iter()
+                    .zip(b.iter())
+                    .position(|(x, y)| x.to_bits() != y.to_bits())
+                    .unwrap_or(0);
+                return Err(format!(
+                    "{name} of run {run} differs from run 0 at {i}: {} vs {} ({})\ncase: {}",
+                    b[i],
+                    a[i],
+                    first.info.symbol,
+                    case.describe()
+                ));
+            }
+        }
+        if first.dsink.as_deref().map(bits) != again.dsink.as_deref().map(bits) {
+            return Err(format!(
+                "dsink of run {run} differs from run 0\ncase: {}",
+                case.describe()
+            ));
+        }
+    }
+    let want = bwd_run(gpu, case, &pb, WhichBwd::Reference)?;
+    for (name, a, b) in [
+        ("dq", &first.dq, &want.dq),
+        ("dk", &first.dk, &want.dk),
+        ("dv", &first.dv, &want.dv),
+    ] {
+        let reference: Vec<f64> = b.iter().map(|&x| x as f64).collect();
+        let quantum = cpu::atol_for(T::PREC, &reference);
+        let st = cpu::err_stats(a, &reference);
+        if st.nan_count > 0 || st.max_abs > ulps * quantum {
+            return Err(format!(
+                "{name}: {st:?} exceeds {ulps} x {quantum}\ncase: {}",
+                case.describe()
+            ));
+        }
     }
     Ok(())
 }

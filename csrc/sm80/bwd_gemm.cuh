@@ -1,0 +1,338 @@
+// Building blocks of the sm80-family backward: the tile shape (which warp owns what), the shared
+// memory layout, the cp.async tile copy and the four warp-level GEMM forms it needs.
+//
+// Fragment conventions (mma.sync m16n8k16, see common/ptx.cuh): an accumulator array
+// c[MT][NT][4] holds rows 16*mt + 8*half + lane/4 and columns 8*nt + 2*(lane%4) + e at
+// c[mt][nt][2*half + e]. Shared-memory tiles are rows of 16-bit elements with a pitch that is an
+// odd number of 16-byte chunks, so every ldmatrix phase and every 4-byte fragment store is
+// conflict-free without a swizzle.
+#pragma once
+
+#include <stdint.h>
+
+#include "common/ptx.cuh"
+
+namespace fa {
+namespace sm80 {
+
+// Which warp computes what, for head dim D, BM queries per step, BN keys per thread block and
+// W warps (the Q / dO stages only matter to the smem layout).
+//
+// - Scores are computed transposed, S^T = K Q^T (keys x queries), so that P^T and dS^T come out
+//   of the accumulators already in the A-operand layout of dV += P^T dO and dK += dS^T Q.
+// - Warps form kWN key groups of kWarpKeys = 16 * kMT key rows; the kWC = W / kWN warps of a
+//   group split the group's dK / dV columns (kWarpD each) and the step's queries for S^T
+//   (kWarpQ each). With kWC = 1 a warp owns whole rows of dK / dV and its P^T / dS^T never leave
+//   registers for dV / dK; with kWC > 1 P^T and dS^T go through shared memory.
+// - kMT = 2 (32 key rows per warp: each Q / dO fragment read from smem feeds two MMAs) wherever
+//   the warp's dK + dV slab still fits 128 registers; else 16 rows.
+// - dQ = dS K (BM x D) is tiled over all W warps (kDqWM x kDqWD), A = dS^T from shared memory.
+// src/cells.rs `sm80_bwd_warp_keys` applies the same rule.
+template <int D, int BM, int BN, int W>
+struct BwdShape {
+    static constexpr int kThreads = W * 32;
+    // Whether key groups of 16 * mt rows give a valid layout whose dK + dV slab fits 128 registers.
+    static constexpr bool layout_fits(int mt) {
+        if ((W * 16 * mt) % BN != 0) return false;
+        const int wc = W * 16 * mt / BN;
+        if (wc != 1 && wc != 2 && wc != 4) return false;
+        if (D % (16 * wc) != 0 || BM % (16 * wc) != 0) return false;
+        return mt * (D / wc) <= 128;
+    }
+    static constexpr int kMT = layout_fits(2) ? 2 : 1;
+    static constexpr int kWarpKeys = 16 * kMT;
+    static constexpr int kWN = BN / kWarpKeys;
+    static constexpr int kWC = W / kWN;
+    static constexpr int kWarpQ = BM / kWC;  // queries of S^T per warp and step
+    static constexpr int kWarpD = D / kWC;   // dK / dV columns per warp
+    static constexpr int kDT = kWarpD / 8;   // n8 tiles of dK / dV per warp
+    static constexpr bool kPtInSmem = kWC > 1;
+    // Accumulator registers per lane of dK + dV.
+    static constexpr int kAccRegs = kMT * kWarpD;
+    // Registers the accumulators live at once may take: dK + dV plus the scores of a chunk of
+    // queries (kScoreBudget), or plus a pass of dQ (kDqBudget); the rest of the 255 holds
+    // fragments, addresses and the walk's scalars.
+    static constexpr int kScoreBudget = 192;
+    static constexpr int kDqBudget = 160;
+    // Queries per S^T chunk: the largest power-of-two share of kWarpQ (>= 16) whose S^T + dP^T
+    // fit the budget next to dK + dV, and 64 registers (d = 64 with 128-query steps spilled at 128).
+    static constexpr int chunk_q() {
+        int c = kWarpQ;
+        while (c > 16 && (kAccRegs + kMT * c > kScoreBudget || kMT * c > 64)) c /= 2;
+        return c;
+    }
+    static constexpr int kChunkQ = chunk_q();
+    static constexpr int kChunkNT = kChunkQ / 8;
+
+    // dQ warp grid: the split of the BM x D tile with the least shared-memory traffic per MMA
+    // ((rows + cols) / (rows * cols)), ties to an even number of n8 tiles, then to more rows.
+    static constexpr int dq_warps_m() {
+        int best = 0;
+        for (int wm = 1; wm <= W; wm *= 2) {
+            if (W % wm != 0) continue;
+            const int wd = W / wm;
+            if (BM % (16 * wm) != 0 || D % (8 * wd) != 0) continue;
+            if (best == 0) {
+                best = wm;
+                continue;
+            }
+            const long r1 = BM / wm, c1 = D / wd, r0 = BM / best, c0 = D / (W / best);
+            const long lhs = (r1 + c1) * r0 * c0, rhs = (r0 + c0) * r1 * c1;
+            const bool even1 = (c1 / 8) % 2 == 0, even0 = (c0 / 8) % 2 == 0;
+            if (lhs < rhs || (lhs == rhs && (even1 && !even0))) best = wm;
+        }
+        return best;
+    }
+    static constexpr int kDqWM = dq_warps_m();
+    static constexpr int kDqWD = kDqWM > 0 ? W / kDqWM : 1;
+    static constexpr int kDqRows = kDqWM > 0 ? BM / kDqWM : 16;
+    static constexpr int kDqCols = D / kDqWD;
+    static constexpr int kDqMT = kDqRows / 16;
+    static constexpr int kDqNT = kDqCols / 8;
+    // dQ column passes: a warp's dQ tile is computed and added in kDqPasses column slices so that
+    // one slice fits the budget next to dK + dV (each pass re-reads the warp's dS rows).
+    static constexpr int dq_passes() {
+        int passes = 1;
+        while (kAccRegs + kDqMT * (kDqNT / passes) * 4 > kDqBudget && kDqNT % (2 * passes) == 0) passes *= 2;
+        return passes;
+    }
+    static constexpr int kDqPasses = dq_passes();
+    static constexpr int kDqPassNT = kDqNT / kDqPasses;
+
+    static_assert(W == 4 || W == 8, "4 or 8 warps: the register budget assumes 128-256 threads");
+    static_assert(D % 16 == 0, "the head dim is walked in k16 steps");
+    static_assert(BM % 16 == 0 && BN % 16 == 0, "query and key blocks are whole m16 / k16 tiles");
+    static_assert(BN % kWarpKeys == 0 && W % kWN == 0 && (kWC == 1 || kWC == 2 || kWC == 4),
+                  "the key groups of 16 * kMT rows must tile BN with 1, 2 or 4 warps each");
+    static_assert(kWarpQ % 16 == 0 && kChunkQ % 16 == 0 && kWarpQ % kChunkQ == 0,
+                  "each warp's queries are whole k16 steps of dV += P^T dO, in whole chunks");
+    static_assert(kWarpD % 16 == 0, "a warp's dK / dV columns are loaded as n8 pairs");
+    static_assert(kDqWM > 0, "no warp grid tiles the dQ block in m16 x n8 tiles");
+    static_assert(kAccRegs + kMT * kChunkQ <= kScoreBudget && kAccRegs + kDqMT * kDqPassNT * 4 <= kDqBudget,
+                  "dK + dV + one chunk of scores (or one pass of dQ) must leave ~60-90 registers");
+};
+
+// Dynamic shared memory of one backward thread block (byte offsets; every region 16-byte aligned):
+//   k, v:        [BN][D + 8]          the block's keys and values (later the dK / dV staging area)
+//   q, dout:     [S][BM][D + 8]       the step's queries and output gradients (S stages)
+//   lse, dsum:   [S][BM] fp32         the step's log2 LSE and D = rowsum(dO * O)
+//   ds:          [BN][BM + 8]         dS^T of the step (for dQ = dS K)
+//   pt:          [BN][BM + 8]         P^T of the step (only when kPtInSmem)
+//   state:       64 bytes             the block's walk state (BwdWalkState)
+// src/cells.rs `sm80_bwd_smem_bytes` computes the same total.
+template <class T, int D, int BM, int BN, int W, int S>
+struct BwdSmem {
+    using Shape = BwdShape<D, BM, BN, W>;
+    static constexpr int kPitch = (D + 8) * static_cast<int>(sizeof(T));   // K, V, Q, dO rows
+    static constexpr int kSPitch = (BM + 8) * static_cast<int>(sizeof(T));  // dS^T, P^T rows
+    static constexpr int kKvBytes = BN * kPitch;
+    static constexpr int kQStageBytes = BM * kPitch;
+    static constexpr int kStatStageBytes = BM * 4;
+    static constexpr int kKOffset = 0;
+    static constexpr int kVOffset = kKOffset + kKvBytes;
+    static constexpr int kQOffset = kVOffset + kKvBytes;
+    static constexpr int kDoOffset = kQOffset + S * kQStageBytes;
+    static constexpr int kLseOffset = kDoOffset + S * kQStageBytes;
+    static constexpr int kDsumOffset = kLseOffset + S * kStatStageBytes;
+    static constexpr int kDsOffset = kDsumOffset + S * kStatStageBytes;
+    static constexpr int kPtOffset = kDsOffset + BN * kSPitch;
+    static constexpr int kStateOffset = kPtOffset + (Shape::kPtInSmem ? BN * kSPitch : 0);
+    static constexpr int kStateBytes = 64;
+    static constexpr int kBytes = kStateOffset + kStateBytes;
+
+    static_assert(sizeof(T) == 2, "16-bit elements");
+    static_assert((kPitch / 16) % 2 == 1 && kPitch % 16 == 0 && (kSPitch / 16) % 2 == 1 && kSPitch % 16 == 0,
+                  "row pitches must be odd numbers of 16-byte chunks (conflict-free ldmatrix)");
+    static_assert(S == 1 || S == 2, "one or two Q / dO stages");
+    static_assert(kBytes <= 227 * 1024, "dynamic smem must fit the largest opt-in limit (sm_90: 227 KB)");
+};
+
+// Cooperative copy of a ROWS x D tile from global rows (any row stride, last dim contiguous,
+// 16-byte aligned) into padded smem rows, one 16-byte cp.async per chunk; rows >= rows_valid are
+// zero-filled (their source is not read). Adjacent threads take adjacent chunks of a row.
+template <class T, int ROWS, int D, int THREADS>
+struct BwdTileCopy {
+    static constexpr int kPitch = (D + 8) * static_cast<int>(sizeof(T));
+    static constexpr int kElemsPerChunk = 16 / static_cast<int>(sizeof(T));
+    static constexpr int kChunksPerRow = D / kElemsPerChunk;
+    static constexpr int kThreadsPerRow = kChunksPerRow & -kChunksPerRow;  // lowest set bit
+    static constexpr int kChunksPerThreadRow = kChunksPerRow / kThreadsPerRow;
+    static constexpr int kRowsPerPass = THREADS / kThreadsPerRow;
+    static constexpr int kPasses = (ROWS + kRowsPerPass - 1) / kRowsPerPass;
+    static_assert(D % kElemsPerChunk == 0 && THREADS % kThreadsPerRow == 0, "rows are whole chunks");
+
+    // gmem: row 0 of the tile (also the unread source of zero-filled chunks).
+    __device__ __forceinline__ static void issue(uint32_t smem_tile, const T* gmem, int64_t row_stride, int rows_valid,
+                                                 int tid) {
+        const int row = tid / kThreadsPerRow;
+        const int col_chunk = tid % kThreadsPerRow;
+        const int64_t stride = ptx::opaque_i64(row_stride);
+        const uint32_t smem_thread = smem_tile + row * kPitch + col_chunk * 16;
+        const T* gmem_thread = gmem + row * stride + col_chunk * kElemsPerChunk;
+#pragma unroll
+        for (int i = 0; i < kPasses; ++i) {
+            const int r = row + i * kRowsPerPass;
+            if (ROWS % kRowsPerPass != 0 && r >= ROWS) break;
+            const bool valid = r < rows_valid;
+            const T* src = valid ? gmem_thread + i * kRowsPerPass * stride : gmem;
+#pragma unroll
+            for (int j = 0; j < kChunksPerThreadRow; ++j) {
+                ptx::cp_async_cg_16(smem_thread + i * kRowsPerPass * kPitch + j * kThreadsPerRow * 16,
+                                    src + j * kThreadsPerRow * kElemsPerChunk, valid);
+            }
+        }
+    }
+};
+
+// Per-lane byte offsets of ldmatrix x4 row addresses inside a tile of pitch PITCH (lane i
+// addresses row i % 8 of matrix i / 8).
+template <int PITCH>
+struct BwdLane {
+    // A (16 x 16) from a row-major [m][k] tile.
+    __device__ __forceinline__ static uint32_t a_x4(int lane) { return (lane % 16) * PITCH + (lane / 16) * 16; }
+    // B (two n8 tiles x k16) from a row-major [n][k] tile.
+    __device__ __forceinline__ static uint32_t b_x4(int lane) {
+        return ((lane % 8) + 8 * (lane / 16)) * PITCH + ((lane / 8) % 2) * 16;
+    }
+    // B (k16 x two n8 tiles) from a row-major [k][n] tile, through .trans (also serves x2.trans:
+    // lanes 0-15 address k rows 0-15 of one n8 tile).
+    __device__ __forceinline__ static uint32_t bt_x4(int lane) {
+        return ((lane % 8) + 8 * ((lane / 8) % 2)) * PITCH + (lane / 16) * 16;
+    }
+    // A (16 x 16) from a row-major [k][m] tile (the transpose is stored), through .trans:
+    // matrices (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15).
+    __device__ __forceinline__ static uint32_t at_x4(int lane) {
+        return ((lane % 8) + 8 * (lane / 16)) * PITCH + ((lane / 8) % 2) * 16;
+    }
+};
+
+template <int MT, int NT>
+__device__ __forceinline__ void zero_acc(float (&c)[MT][NT][4]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) c[mt][nt][i] = 0.f;
+}
+
+// The A fragments of accumulator array c (16*MT x 8*NT) as T: n8 tiles 2kk and 2kk+1 form k16 step kk.
+template <class T, int MT, int NT>
+__device__ __forceinline__ void acc_to_a_frags(uint32_t (&a)[MT][NT / 2][4], const float (&c)[MT][NT][4]) {
+    static_assert(NT % 2 == 0, "two n8 tiles per k16 step");
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int kk = 0; kk < NT / 2; ++kk) {
+            a[mt][kk][0] = ptx::pack_f32x2<T>(c[mt][2 * kk][0], c[mt][2 * kk][1]);          // row g,   k 2t..
+            a[mt][kk][1] = ptx::pack_f32x2<T>(c[mt][2 * kk][2], c[mt][2 * kk][3]);          // row g+8, k 2t..
+            a[mt][kk][2] = ptx::pack_f32x2<T>(c[mt][2 * kk + 1][0], c[mt][2 * kk + 1][1]);  // row g,   k 2t+8..
+            a[mt][kk][3] = ptx::pack_f32x2<T>(c[mt][2 * kk + 1][2], c[mt][2 * kk + 1][3]);  // row g+8, k 2t+8..
+        }
+}
+
+// c += A B^T, A rows of a [m][k] tile (a_lane = A rows + a_x4), B rows of a [n][k] tile
+// (b_lane = B rows + b_x4); K = 16 * KS.
+template <class T, int MT, int NT, int KS, int APITCH, int BPITCH>
+__device__ __forceinline__ void gemm_rows_rows(float (&c)[MT][NT][4], uint32_t a_lane, uint32_t b_lane) {
+    static_assert(NT % 2 == 0, "B n8 tiles are loaded in pairs");
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) ptx::ldmatrix_x4(a[mt], a_lane + mt * 16 * APITCH + kk * 32);
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+            uint32_t r[4];
+            ptx::ldmatrix_x4(r, b_lane + np * 16 * BPITCH + kk * 32);
+            const uint32_t b0[2] = {r[0], r[1]};
+            const uint32_t b1[2] = {r[2], r[3]};
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                ptx::mma_m16n8k16_f32<T>(c[mt][2 * np], a[mt], b0);
+                ptx::mma_m16n8k16_f32<T>(c[mt][2 * np + 1], a[mt], b1);
+            }
+        }
+    }
+}
+
+// c += A B, A from registers (acc_to_a_frags, KS k16 steps), B k rows of a [k][n] tile through
+// .trans (b_lane = B's first k row and n column + bt_x4).
+template <class T, int MT, int KS, int NT, int BPITCH>
+__device__ __forceinline__ void gemm_regs_trans(float (&c)[MT][NT][4], const uint32_t (&a)[MT][KS][4],
+                                                uint32_t b_lane) {
+    static_assert(NT % 2 == 0, "B n8 tiles are loaded in pairs");
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+            uint32_t r[4];
+            ptx::ldmatrix_x4_trans(r, b_lane + kk * 16 * BPITCH + np * 32);
+            const uint32_t b0[2] = {r[0], r[1]};
+            const uint32_t b1[2] = {r[2], r[3]};
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                ptx::mma_m16n8k16_f32<T>(c[mt][2 * np], a[mt][kk], b0);
+                ptx::mma_m16n8k16_f32<T>(c[mt][2 * np + 1], a[mt][kk], b1);
+            }
+        }
+    }
+}
+
+// c += A B, A rows of a [m][k] tile (a_lane = A rows + a_x4), B through .trans as in gemm_regs_trans.
+template <class T, int MT, int KS, int NT, int APITCH, int BPITCH>
+__device__ __forceinline__ void gemm_rows_trans(float (&c)[MT][NT][4], uint32_t a_lane, uint32_t b_lane) {
+    static_assert(NT % 2 == 0, "B n8 tiles are loaded in pairs");
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) ptx::ldmatrix_x4(a[mt], a_lane + mt * 16 * APITCH + kk * 32);
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+            uint32_t r[4];
+            ptx::ldmatrix_x4_trans(r, b_lane + kk * 16 * BPITCH + np * 32);
+            const uint32_t b0[2] = {r[0], r[1]};
+            const uint32_t b1[2] = {r[2], r[3]};
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                ptx::mma_m16n8k16_f32<T>(c[mt][2 * np], a[mt], b0);
+                ptx::mma_m16n8k16_f32<T>(c[mt][2 * np + 1], a[mt], b1);
+            }
+        }
+    }
+}
+
+// c += A B with A stored transposed ([k][m] tile, a_lane = its first k row and m column + at_x4)
+// and B through .trans ([k][n] tile, b_lane as in gemm_regs_trans). NT may be odd (the last n8
+// tile through ldmatrix x2.trans): dQ column splits such as 40 of d = 80.
+template <class T, int MT, int KS, int NT, int APITCH, int BPITCH>
+__device__ __forceinline__ void gemm_trans_trans(float (&c)[MT][NT][4], uint32_t a_lane, uint32_t b_lane) {
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) ptx::ldmatrix_x4_trans(a[mt], a_lane + kk * 16 * APITCH + mt * 32);
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+            uint32_t r[4];
+            ptx::ldmatrix_x4_trans(r, b_lane + kk * 16 * BPITCH + np * 32);
+            const uint32_t b0[2] = {r[0], r[1]};
+            const uint32_t b1[2] = {r[2], r[3]};
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                ptx::mma_m16n8k16_f32<T>(c[mt][2 * np], a[mt], b0);
+                ptx::mma_m16n8k16_f32<T>(c[mt][2 * np + 1], a[mt], b1);
+            }
+        }
+        if constexpr (NT % 2 == 1) {
+            uint32_t b[2];
+            ptx::ldmatrix_x2_trans(b, b_lane + kk * 16 * BPITCH + (NT / 2) * 32);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) ptx::mma_m16n8k16_f32<T>(c[mt][NT - 1], a[mt], b);
+        }
+    }
+}
+
+}  // namespace sm80
+}  // namespace fa
