@@ -351,10 +351,22 @@ macro_rules! tile {
 ///   128 x 32 with 8 warps 232/241/199/223. Still 0.87-0.95x FA2.
 /// - d = 192 (not in the benchmark grid): unchanged, 128 x 64 with 8 warps; 64 x 32 fits 99 KB.
 ///
+/// Session 2 (2026-11-22, full grid, `bench --family sm80 --iters 20`, same-session PyTorch FA2),
+/// with the sectioned longest-first causal grid order (csrc/sm80/fwd_tile.cuh) and, at d = 192 /
+/// 256 with 16-row warps, Q in registers (`FwdMainloop::kWideQInRegs`):
+/// - d = 256, 128 x 64 x 8 warps: non-causal 266/287/299/300/307 at 1k/2k/4k/8k/16k (was
+///   261/278/286/285/291), causal 222/259/285/296/307 (was 202/229/242/256/289). 64 x 32 x 4
+///   warps x 2 stages with Q in registers: 6% below it (geometric mean of the d = 256 cells).
+/// - d = 128, 128 x 32 against 128 x 64 (two runs each): +2% for 16 heads (+5-7% causal 2k-8k),
+///   -3% for GQA 32/8 (-8% non-causal 16k): a tie overall, so 128 x 64 stays first.
+/// - Not kept: S = Q K^T of both 32-key halves of a 64-key block ahead of their softmaxes (to
+///   overlap one half's MMAs with the other's exponentials in one warp): 3-10% slower at
+///   d = 64-128.
+///
 /// Registers per thread (nvcc 13.0, -O3; sm_80 / sm_90 SASS; same for f16 and bf16; 0 spills and
-/// 0 stack everywhere): d64 128x64 222/224; d80 128x64x3 227/228; d96 128x64x3 and x2 239/240;
-/// d128 128x64 255/255, 128x32 224/230; d192 128x64w8 195/204, 64x32 231/239;
-/// d256 128x64w8 233/241, 64x64x1 241/239.
+/// 0 stack everywhere): d64 128x64 222/222; d80 128x64x3 226/227; d96 128x64x3 238/243, x2
+/// 239/243; d128 128x64 255/255, 128x32 223/227; d192 128x64w8 240/240, 64x32 230/238;
+/// d256 128x64w8 255/255, 64x64x1 241/239.
 pub const fn sm80_fwd_tiles(head_dim: u32) -> &'static [Tile] {
     match head_dim {
         64 => &[tile!(128, 64, 4, 2)],
@@ -493,19 +505,43 @@ pub const fn sm80_bwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 ///   fits smem but not the registers. FA3's causal tile, 128 x 128 x 2 stages, measured 1-15%
 ///   slower than 128 x 176 under a causal mask (2k-16k, MHA and GQA, both with the dynamic
 ///   scheduler), and 128 x 128 x 3 stages 0-5% slower without a mask; at d = 80 / 96 causal,
-///   128 x 128 x 3 stages was 5-10% slower. So one tile serves every mask.
+///   128 x 128 x 3 stages was 5-10% slower. So 128 x 176 serves every mask, except causal calls
+///   up to 2k keys, which run 128 x 128 x 2 stages (second; `sm90_fwd_variant`).
 /// - d = 192: 128 x 112, 2 stages (222336 bytes); 3 stages do not fit.
 /// - d = 256: 128 x 80, 2 stages (230528 bytes): O alone is 128 registers. 128 x 64 measured
-///   within noise without a mask and 7% slower causal at 8k-16k (3% faster at 2k).
+///   within noise without a mask and 7% slower causal at 8k-16k (3% faster at 2k), and -3% to
+///   +1.5% at 512-2k (causal and not).
+/// - d = 64: the second tile, 128 x 128 with 2 consumer WGs, runs causal calls up to 1k keys.
+/// - Index 0 of every list is the general tile; `sm90_fwd_variant` says when another one runs.
 pub const fn sm90_fwd_tiles(head_dim: u32) -> &'static [Tile] {
     match head_dim {
-        64 => &[tile!(192, 128, 16, 3)],
+        64 => &[tile!(192, 128, 16, 3), tile!(128, 128, 12, 3)],
         80 => &[tile!(128, 176, 12, 3)],
         96 => &[tile!(128, 176, 12, 3)],
-        128 => &[tile!(128, 176, 12, 2)],
+        128 => &[tile!(128, 176, 12, 2), tile!(128, 128, 12, 2)],
         192 => &[tile!(128, 112, 12, 2)],
         256 => &[tile!(128, 80, 12, 2)],
         _ => &[],
+    }
+}
+
+/// The tile of `sm90_fwd_tiles(head_dim)` (an index into it) that a forward call runs when no
+/// variant is forced, given its key count (the longest sequence for varlen) and whether it has
+/// a causal mask. Index 0 is the general tile; index 1, where it exists, is a narrower tile for
+/// short causal calls, where a wide KV block on the diagonal is mostly masked (d = 128 at 512
+/// keys: 9 blocks of 128 x 176, 65% of them visible, against 10 of 128 x 128, 80% visible).
+///
+/// Measured on H100 (2026-11-22, bf16, paper grid, runs of the whole grid in one session):
+/// - d = 128, 128 x 128 vs 128 x 176, causal: +19% / +14% / +5% at 512 / 1k / 2k (MHA),
+///   +17% / +10% / +4% (GQA 32/8); slower from 4k on. Without a mask: within noise at 512-1k
+///   for MHA, 10% slower at 2k for GQA.
+/// - d = 64, 128 x 128 (2 consumer WGs) vs 192 x 128, causal: +9% / +12% at 512 / 1k, -8% at 2k;
+///   without a mask 3-10% slower at every length (the 3-WG tile keeps the MUFU busier).
+pub const fn sm90_fwd_variant(head_dim: u32, seqlen_k: usize, causal: bool) -> usize {
+    match head_dim {
+        128 if causal && seqlen_k <= 2048 => 1,
+        64 if causal && seqlen_k <= 1024 => 1,
+        _ => 0,
     }
 }
 

@@ -304,6 +304,23 @@ fn choose_tile(kref: &KernelRef, limit: u32) -> Result<&'static KernelEntry> {
         })
 }
 
+/// The sm90-family tile for this call: the one `sm90_fwd_variant` prefers for its sequence length
+/// and mask (short sequences run a narrower KV block), else the first that fits `limit`.
+fn sm90_choose_tile(kref: &KernelRef, limit: u32, dims: &Dims, causal: bool) -> Result<&'static KernelEntry> {
+    let head_dim = kref.cell().head_dim;
+    let tiles = crate::cells::sm90_fwd_tiles(head_dim);
+    let want = tiles.get(crate::cells::sm90_fwd_variant(head_dim, dims.seqlen_k, causal));
+    match kref
+        .image
+        .kernels
+        .iter()
+        .find(|k| Some(&k.tile) == want && k.smem_bytes <= limit)
+    {
+        Some(k) => Ok(k),
+        None => choose_tile(kref, limit),
+    }
+}
+
 /// The options of a call after validation, in the kernels' terms.
 pub(crate) struct Prepared<'a> {
     pub scale: f32,
@@ -681,6 +698,7 @@ pub(crate) fn run_fwd<T: AttnElement>(
         .smem_limit
         .map_or(info.max_smem_optin, |l| l.min(info.max_smem_optin));
     let entry = match ov.variant {
+        None if kref.cell().family == Family::Sm90 => sm90_choose_tile(&kref, smem_limit, &dims, prep.causal)?,
         None => choose_tile(&kref, smem_limit)?,
         Some(i) => kref
             .image

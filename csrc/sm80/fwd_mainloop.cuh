@@ -57,7 +57,7 @@ struct FwdSmem {
 // then covers whole 32-byte sectors (adjacent lanes take adjacent chunks), and all per-chunk
 // offsets are compile-time immediates off one smem address, one global pointer and one row
 // index per thread (nothing per chunk stays live in registers).
-template <class T, int ROWS, int D, int THREADS>
+template <class T, int ROWS, int D, int THREADS, bool kRolledRaggedCopy = false>
 struct GmemToSmemTile {
     static constexpr int kPitchBytes = PaddedRows<T, D>::kPitchBytes;
     static constexpr int kElemsPerChunk = 16 / static_cast<int>(sizeof(T));
@@ -86,14 +86,31 @@ struct GmemToSmemTile {
         const T* gmem_thread = gmem + row * stride + col_chunk * kElemsPerChunk;
         const int64_t pass_stride = kRowsPerPass * stride;
         const int rows_left = rows_valid - row;  // pass i is valid iff i * kRowsPerPass < rows_left
+        if constexpr (kAllRowsValid || !kRolledRaggedCopy) {
 #pragma unroll
-        for (int i = 0; i < kPasses; ++i) {
-            const bool valid = kAllRowsValid || i * kRowsPerPass < rows_left;
-            const T* src_row = valid ? gmem_thread + i * pass_stride : gmem;
+            for (int i = 0; i < kPasses; ++i) {
+                const bool valid = kAllRowsValid || i * kRowsPerPass < rows_left;
+                const T* src_row = valid ? gmem_thread + i * pass_stride : gmem;
 #pragma unroll
-            for (int j = 0; j < kChunksPerThreadRow; ++j) {
-                ptx::cp_async_cg_16(smem_thread + i * kRowsPerPass * kPitchBytes + j * kThreadsPerRow * 16,
-                                    src_row + j * kThreadsPerRow * kElemsPerChunk, valid);
+                for (int j = 0; j < kChunksPerThreadRow; ++j) {
+                    ptx::cp_async_cg_16(smem_thread + i * kRowsPerPass * kPitchBytes + j * kThreadsPerRow * 16,
+                                        src_row + j * kThreadsPerRow * kElemsPerChunk, valid);
+                }
+            }
+        } else {
+            // The same copy as a rolled loop over passes: one running source pointer instead of
+            // kPasses live addresses (where the caller has no registers to spare).
+            const T* src_row = gmem_thread;
+#pragma unroll 1
+            for (int i = 0; i < kPasses; ++i) {
+                const bool valid = i * kRowsPerPass < rows_left;
+                const T* src = valid ? src_row : gmem;
+#pragma unroll
+                for (int j = 0; j < kChunksPerThreadRow; ++j) {
+                    ptx::cp_async_cg_16(smem_thread + i * kRowsPerPass * kPitchBytes + j * kThreadsPerRow * 16,
+                                        src + j * kThreadsPerRow * kElemsPerChunk, valid);
+                }
+                src_row += pass_stride;
             }
         }
     }
@@ -263,7 +280,6 @@ struct FwdMainloop {
     using Smem = FwdSmem<T, D, BM, BN, S>;
     static constexpr int kPitch = Smem::kPitchBytes;
     using QCopy = GmemToSmemTile<T, BM, D, kThreads>;
-    using KvCopy = GmemToSmemTile<T, BN, D, kThreads>;
     using Lane = LdmatrixLane<kPitch>;
     using State = FwdWalkState<T>;
     static_assert(S >= 1, "one K/V stage at least (S = 1: step_single_stage, S >= 2: step_ring)");
@@ -283,14 +299,25 @@ struct FwdMainloop {
     // only K from smem, a third fewer ldmatrix per k-step. Measured on H100: +2-3% at d = 64
     // (128 x 64); allowing it up to 192 registers with parked sums (d = 80) was 0-6% slower.
     static constexpr int kQRegs = kMT * (D / 16) * 4;
-    static constexpr bool kQInRegs = kOAndSRegs + kQRegs <= 160;
+    // d = 192 / 256 with 16 rows per warp: there the step is bound by shared-memory reads (each
+    // K / V fragment feeds one m16 MMA) and Q's ldmatrix are a ninth of them. Q stays in
+    // registers (64 at d = 256) and the step walks its block in 32-key chunks, so that O + S + Q
+    // stay within 208 registers. Measured on H100 (d = 256, 128 x 64 x 8 warps, session 2 of
+    // 2026-11-22): non-causal 2k-16k +4-9%, causal +1-4% beyond the grid-order change;
+    // 64 x 32 x 4 warps with Q in registers stayed 6% below it.
+    static constexpr bool kWideQInRegs =
+        D >= 192 && kMT == 1 && S >= 2 && BN % 32 == 0 && kMT * kDT * 4 + kMT * (32 / 8) * 4 + kQRegs <= 208;
+    static constexpr bool kQInRegs = kOAndSRegs + kQRegs <= 160 || kWideQInRegs;
     struct QFrags {
         uint32_t r[kQInRegs ? kMT : 1][kQInRegs ? D / 16 : 1][4];
     };
+    // With Q in registers at d = 256 the unrolled ragged K/V copy (masked steps) spills.
+    using KvCopy = GmemToSmemTile<T, BN, D, kThreads, /*kRolledRaggedCopy=*/kWideQInRegs>;
     // Keys per softmax chunk. Where O + S would take more than that (none of the listed tiles;
     // e.g. d = 80 with 128 keys), a step walks its block in two halves (S of BN / 2 keys): the
     // loads, the barrier and the prefetch distance stay those of the full block, and the step fits.
-    static constexpr int kChunkN = (kOAndSRegs > 160 && !kParkRowSums && BN % 32 == 0) ? BN / 2 : BN;
+    static constexpr int kChunkN =
+        kWideQInRegs ? 32 : (kOAndSRegs > 160 && !kParkRowSums && BN % 32 == 0) ? BN / 2 : BN;
 
     const FaParams& p;
     unsigned char* smem;  // the dynamic shared memory (generic pointer into the shared window)

@@ -221,14 +221,15 @@ struct Mainloop {
         }
 
         // Score modifiers, mask (only where the block needs one) and the online-softmax update.
-        __device__ __forceinline__ void softmax_step(const FaParams& p, float (&s)[BN / 2], const Work& w, int n,
+        // Returns whether this warp must rescale O by o_scale (OnlineSoftmax::update).
+        __device__ __forceinline__ bool softmax_step(const FaParams& p, float (&s)[BN / 2], const Work& w, int n,
                                                      const ScoreMod& mod, MaskSteps steps,
                                                      OnlineSoftmax<BN>& sm_state, float (&o_scale)[2]) const {
             int const row_base = w.row_first() + 64 * wg;
             int const col_base = n * BN;
             if (mod.active) mod.template apply<BN>(p, s, acc_coord(), row_base, col_base, w.seq.diag);
             if (steps.needs(n)) apply_mask<BN>(s, acc_coord(), row_base, col_base, MaskBounds(p, w.seq));
-            sm_state.update(s, ScoreMod::exp2_scale_of(p), o_scale);
+            return sm_state.update(s, ScoreMod::exp2_scale_of(p), o_scale);
         }
 
         // P as wgmma A fragments: k16 step kk holds columns 16 kk .. 16 kk + 15, which are
@@ -294,7 +295,7 @@ struct Mainloop {
             // anything the softmax writes): ptxas can then keep the wgmmas asynchronous.
 #pragma unroll 1
             for (int k = 0; k < count; ++k) {
-                softmax_step(p, s, w, w.blocks.block(k), mod, steps, sm_state, o_scale);
+                bool const needs_rescale = softmax_step(p, s, w, w.blocks.block(k), mod, steps, sm_state, o_scale);
                 bool const more = k + 1 < count;
                 State st_next = st;
                 st_next.advance();
@@ -307,7 +308,7 @@ struct Mainloop {
                 fence_operands(pf);
                 if (k > 0) {
                     release(bars.v_empty(st_v_stage(st)));
-                    rescale(o, o_scale);  // at k = 0, o is still 0
+                    if (needs_rescale) rescale(o, o_scale);  // at k = 0, o is still 0
                 }
                 to_a_fragments(s, pf);
                 if (!more) break;

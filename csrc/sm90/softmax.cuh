@@ -1,8 +1,9 @@
 // Online softmax on the wgmma accumulator layout (see mask.cuh for the layout): each thread owns
 // two rows of the warpgroup's 64 x BN score tile, shared with the other 3 lanes of its quad.
 //
-// State per row: the running max m (score units, reduced over the quad) and a per-thread partial
-// row sum l in units of 2^(m * exp2_scale) (reduced over the quad only at the end, as in FA2/FA3).
+// State per row: the exponent base m (score units, reduced over the quad: the running max, raised
+// only when the max outgrows it by a slack, see update) and a per-thread partial row sum l in
+// units of 2^(m * exp2_scale) (reduced over the quad only at the end, as in FA2/FA3).
 // A row that has seen only -inf keeps m = -inf; its exponent base is taken as 0 so that no
 // (-inf) - (-inf) NaN appears, and it finishes with l = 0 (O = 0, LSE = -inf or the sink logit).
 #pragma once
@@ -35,19 +36,38 @@ struct OnlineSoftmax {
         row_sum[0] = row_sum[1] = 0.0f;
     }
 
-    // Turns the scores s into p = 2^(s * f - m * f) with m the updated running max, and returns
-    // in o_scale the factor by which O (and the sums so far) must be rescaled: 2^((m_old - m) f).
-    __device__ __forceinline__ void update(float (&s)[N / 2], float f, float (&o_scale)[2]) {
+    // The exponent base m of a row is raised only when the row max grows past it by more than
+    // kRescaleSlack (log2 units); otherwise it stays, p stays below 2^kRescaleSlack (exact in
+    // fp32, and bf16 / fp16 keep their relative precision), and neither O nor the row sum needs
+    // rescaling. The decision is per warp, so the O rescale (D / 2 multiplies per thread) is
+    // skipped with a uniform branch. The running max settles after a few blocks, so most blocks
+    // skip it. (The conditional rescale of FlashAttention-4.)
+    static constexpr float kRescaleSlack = 8.0f;
+
+    // Turns the scores s into p = 2^(s * f - m * f) with m the exponent base of the row (see
+    // above). Returns whether this warp must rescale O; if so, o_scale holds the factors
+    // 2^((m_old - m) f) (0 for a row whose old base was -inf), and is left unset otherwise.
+    __device__ __forceinline__ bool update(float (&s)[N / 2], float f, float (&o_scale)[2]) {
+        float m_new[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             float m = row_max[h];
 #pragma unroll
             for (int c = 0; c < N / 8; ++c) m = fmaxf(m, fmaxf(s[4 * c + 2 * h], s[4 * c + 2 * h + 1]));
-            m = quad_max(m);
-            float const m_base = m == -INFINITY ? 0.0f : m;
+            m_new[h] = quad_max(m);
+        }
+        // -inf - -inf is NaN, which compares false: a row that has seen only -inf stays there.
+        bool const grow = (m_new[0] - row_max[0]) * f > kRescaleSlack || (m_new[1] - row_max[1]) * f > kRescaleSlack;
+        bool const rescale = __any_sync(0xffffffffu, grow);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            if (rescale) {
+                float const m_base_new = m_new[h] == -INFINITY ? 0.0f : m_new[h];
+                o_scale[h] = ex2(row_max[h] * f - m_base_new * f);  // 0 when the old max was -inf
+                row_max[h] = m_new[h];
+            }
+            float const m_base = row_max[h] == -INFINITY ? 0.0f : row_max[h];
             float const m_scaled = m_base * f;
-            o_scale[h] = ex2(row_max[h] * f - m_scaled);  // 0 when the old max was -inf
-            row_max[h] = m;
             // Two partial sums: halves the dependent FADD chain.
             float sum[2] = {0.0f, 0.0f};
 #pragma unroll
@@ -59,8 +79,9 @@ struct OnlineSoftmax {
                     sum[i] += x;
                 }
             }
-            row_sum[h] = fmaf(row_sum[h], o_scale[h], sum[0] + sum[1]);
+            row_sum[h] = rescale ? fmaf(row_sum[h], o_scale[h], sum[0] + sum[1]) : row_sum[h] + (sum[0] + sum[1]);
         }
+        return rescale;
     }
 
     // Final normalisation: o_scale = 1 / Z (0 for a row with nothing in its denominator) and the

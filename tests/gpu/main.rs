@@ -265,6 +265,41 @@ fn fwd_cell_tests<T: HostElem>(cell: Cell, has_ptx: bool, tests: &mut Vec<Test<G
             Ok(())
         }));
     }
+    // Every sm90 tile variant, forced: the default one depends on the sequence length and mask
+    // (`sm90_fwd_variant`), so the shapes above do not reach them all.
+    if fam == Family::Sm90 {
+        let variants = flashattn_aot::DISPATCH_TABLE
+            .get(&cell)
+            .map_or(0, |(_, image)| image.kernels.len());
+        for variant in 0..variants {
+            let which = Which::Flash(KernelOverride {
+                family: Some(Family::Sm90),
+                variant: Some(variant),
+                ..Default::default()
+            });
+            let mut ragged = Case::new(113, 203, d);
+            ragged.mask = Mask::Causal(CausalAlign::BottomRight);
+            tests.push(Test::new(format!("fwd::{key}::variant{variant}_causal"), move |g| {
+                check_vs_cpu::<T>(g, &ragged, which).map(|_| ())
+            }));
+            for causal in [false, true] {
+                let mut case = Case::new(3000, 3000, d);
+                case.batch = 2;
+                case.heads = 3;
+                case.heads_k = 3;
+                if causal {
+                    case.mask = Mask::Causal(CausalAlign::BottomRight);
+                }
+                let name = format!(
+                    "fwd::{key}::variant{variant}_large{}",
+                    if causal { "_causal" } else { "" }
+                );
+                tests.push(Test::new(name, move |g| {
+                    check_vs_gpu_reference::<T>(g, &case, which, 3.0).map(|_| ())
+                }));
+            }
+        }
+    }
     // The compute_80 PTX image through the driver JIT (what sm_100/sm_120 run).
     if has_ptx {
         tests.push(Test::new(format!("fwd::{key}::ptx_jit"), move |g| {
