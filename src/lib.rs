@@ -75,7 +75,7 @@ mod sm90_tma;
 mod tensor;
 mod varlen;
 
-pub use bwd::{BwdInfo, BwdOptions, BwdTensors, flash_bwd, flash_bwd_varlen};
+pub use bwd::{BwdInfo, BwdOptions, BwdTensors, flash_bwd, flash_bwd_varlen, release_workspace_memory};
 pub use cells::{Cell, DType, Direction, Family, HEAD_DIMS, Target, Tile, whitelist};
 pub use dispatch::{
     DISPATCH_TABLE, DispatchKey, DispatchTable, KernelRef, SmArch, compiled_cells, fnv1a64, lookup, strict_lookup,

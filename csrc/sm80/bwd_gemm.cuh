@@ -64,8 +64,22 @@ struct BwdShape {
     static constexpr int kChunkQ = chunk_q();
     static constexpr int kChunkNT = kChunkQ / 8;
 
-    // dQ warp grid: the split of the BM x D tile with the least shared-memory traffic per MMA
-    // ((rows + cols) / (rows * cols)), ties to an even number of n8 tiles, then to more rows.
+    // dQ column passes of a kDqMT x kDqNT warp tile: a warp's dQ tile is computed and added in
+    // column slices so that one slice fits the budget next to dK + dV (each pass re-reads the
+    // warp's dS rows).
+    static constexpr int dq_passes_of(int mt, int nt) {
+        int passes = 1;
+        while (kAccRegs + mt * (nt / passes) * 4 > kDqBudget && nt % (2 * passes) == 0) passes *= 2;
+        return passes;
+    }
+    // ldmatrix x4 per k16 step of a whole warp dQ tile (all its passes): each pass loads the
+    // warp's mt A tiles and its n8 pairs of B.
+    static constexpr int dq_ldsm_of(int mt, int nt) {
+        const int passes = dq_passes_of(mt, nt);
+        return passes * (mt + (nt / passes + 1) / 2);
+    }
+    // dQ warp grid: the split of the BM x D tile with the fewest shared-memory loads per MMA
+    // (passes included), ties to an even number of n8 tiles, then to more rows.
     static constexpr int dq_warps_m() {
         int best = 0;
         for (int wm = 1; wm <= W; wm *= 2) {
@@ -76,9 +90,9 @@ struct BwdShape {
                 best = wm;
                 continue;
             }
-            const long r1 = BM / wm, c1 = D / wd, r0 = BM / best, c0 = D / (W / best);
-            const long lhs = (r1 + c1) * r0 * c0, rhs = (r0 + c0) * r1 * c1;
-            const bool even1 = (c1 / 8) % 2 == 0, even0 = (c0 / 8) % 2 == 0;
+            const long mt1 = BM / wm / 16, nt1 = D / wd / 8, mt0 = BM / best / 16, nt0 = D / (W / best) / 8;
+            const long lhs = dq_ldsm_of(mt1, nt1) * mt0 * nt0, rhs = dq_ldsm_of(mt0, nt0) * mt1 * nt1;
+            const bool even1 = nt1 % 2 == 0, even0 = nt0 % 2 == 0;
             if (lhs < rhs || (lhs == rhs && (even1 && !even0))) best = wm;
         }
         return best;
@@ -89,14 +103,7 @@ struct BwdShape {
     static constexpr int kDqCols = D / kDqWD;
     static constexpr int kDqMT = kDqRows / 16;
     static constexpr int kDqNT = kDqCols / 8;
-    // dQ column passes: a warp's dQ tile is computed and added in kDqPasses column slices so that
-    // one slice fits the budget next to dK + dV (each pass re-reads the warp's dS rows).
-    static constexpr int dq_passes() {
-        int passes = 1;
-        while (kAccRegs + kDqMT * (kDqNT / passes) * 4 > kDqBudget && kDqNT % (2 * passes) == 0) passes *= 2;
-        return passes;
-    }
-    static constexpr int kDqPasses = dq_passes();
+    static constexpr int kDqPasses = dq_passes_of(kDqMT, kDqNT);
     static constexpr int kDqPassNT = kDqNT / kDqPasses;
 
     static_assert(W == 4 || W == 8, "4 or 8 warps: the register budget assumes 128-256 threads");
@@ -232,25 +239,52 @@ __device__ __forceinline__ void acc_to_a_frags(uint32_t (&a)[MT][NT / 2][4], con
 }
 
 // c += A B^T, A rows of a [m][k] tile (a_lane = A rows + a_x4), B rows of a [n][k] tile
-// (b_lane = B rows + b_x4); K = 16 * KS.
-template <class T, int MT, int NT, int KS, int APITCH, int BPITCH>
+// (b_lane = B rows + b_x4); K = 16 * KS. PIPE: the fragments of k16 step kk + 1 are loaded
+// before the MMAs of step kk (16 more registers; gemm_rows_trans likewise).
+template <class T, int MT, int NT, int KS, int APITCH, int BPITCH, bool PIPE>
 __device__ __forceinline__ void gemm_rows_rows(float (&c)[MT][NT][4], uint32_t a_lane, uint32_t b_lane) {
     static_assert(NT % 2 == 0, "B n8 tiles are loaded in pairs");
+    if constexpr (PIPE) {
+        // Fragments of k16 step kk + 1 are loaded before the MMAs of step kk.
+        uint32_t a[2][MT][4], b[2][NT / 2][4];
+        auto load = [&](int kk, int buf) {
 #pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-        uint32_t a[MT][4];
+            for (int mt = 0; mt < MT; ++mt) ptx::ldmatrix_x4(a[buf][mt], a_lane + mt * 16 * APITCH + kk * 32);
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) ptx::ldmatrix_x4(a[mt], a_lane + mt * 16 * APITCH + kk * 32);
+            for (int np = 0; np < NT / 2; ++np) ptx::ldmatrix_x4(b[buf][np], b_lane + np * 16 * BPITCH + kk * 32);
+        };
+        load(0, 0);
 #pragma unroll
-        for (int np = 0; np < NT / 2; ++np) {
-            uint32_t r[4];
-            ptx::ldmatrix_x4(r, b_lane + np * 16 * BPITCH + kk * 32);
-            const uint32_t b0[2] = {r[0], r[1]};
-            const uint32_t b1[2] = {r[2], r[3]};
+        for (int kk = 0; kk < KS; ++kk) {
+            if (kk + 1 < KS) load(kk + 1, (kk + 1) % 2);
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                ptx::mma_m16n8k16_f32<T>(c[mt][2 * np], a[mt], b0);
-                ptx::mma_m16n8k16_f32<T>(c[mt][2 * np + 1], a[mt], b1);
+            for (int np = 0; np < NT / 2; ++np) {
+                const uint32_t b0[2] = {b[kk % 2][np][0], b[kk % 2][np][1]};
+                const uint32_t b1[2] = {b[kk % 2][np][2], b[kk % 2][np][3]};
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    ptx::mma_m16n8k16_f32<T>(c[mt][2 * np], a[kk % 2][mt], b0);
+                    ptx::mma_m16n8k16_f32<T>(c[mt][2 * np + 1], a[kk % 2][mt], b1);
+                }
+            }
+        }
+    } else {
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+            uint32_t a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) ptx::ldmatrix_x4(a[mt], a_lane + mt * 16 * APITCH + kk * 32);
+#pragma unroll
+            for (int np = 0; np < NT / 2; ++np) {
+                uint32_t r[4];
+                ptx::ldmatrix_x4(r, b_lane + np * 16 * BPITCH + kk * 32);
+                const uint32_t b0[2] = {r[0], r[1]};
+                const uint32_t b1[2] = {r[2], r[3]};
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    ptx::mma_m16n8k16_f32<T>(c[mt][2 * np], a[mt], b0);
+                    ptx::mma_m16n8k16_f32<T>(c[mt][2 * np + 1], a[mt], b1);
+                }
             }
         }
     }
@@ -280,24 +314,50 @@ __device__ __forceinline__ void gemm_regs_trans(float (&c)[MT][NT][4], const uin
 }
 
 // c += A B, A rows of a [m][k] tile (a_lane = A rows + a_x4), B through .trans as in gemm_regs_trans.
-template <class T, int MT, int KS, int NT, int APITCH, int BPITCH>
+template <class T, int MT, int KS, int NT, int APITCH, int BPITCH, bool PIPE>
 __device__ __forceinline__ void gemm_rows_trans(float (&c)[MT][NT][4], uint32_t a_lane, uint32_t b_lane) {
     static_assert(NT % 2 == 0, "B n8 tiles are loaded in pairs");
+    if constexpr (PIPE) {
+        // Fragments of k16 step kk + 1 are loaded before the MMAs of step kk.
+        uint32_t a[2][MT][4], b[2][NT / 2][4];
+        auto load = [&](int kk, int buf) {
 #pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-        uint32_t a[MT][4];
+            for (int mt = 0; mt < MT; ++mt) ptx::ldmatrix_x4(a[buf][mt], a_lane + mt * 16 * APITCH + kk * 32);
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) ptx::ldmatrix_x4(a[mt], a_lane + mt * 16 * APITCH + kk * 32);
+            for (int np = 0; np < NT / 2; ++np) ptx::ldmatrix_x4_trans(b[buf][np], b_lane + kk * 16 * BPITCH + np * 32);
+        };
+        load(0, 0);
 #pragma unroll
-        for (int np = 0; np < NT / 2; ++np) {
-            uint32_t r[4];
-            ptx::ldmatrix_x4_trans(r, b_lane + kk * 16 * BPITCH + np * 32);
-            const uint32_t b0[2] = {r[0], r[1]};
-            const uint32_t b1[2] = {r[2], r[3]};
+        for (int kk = 0; kk < KS; ++kk) {
+            if (kk + 1 < KS) load(kk + 1, (kk + 1) % 2);
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                ptx::mma_m16n8k16_f32<T>(c[mt][2 * np], a[mt], b0);
-                ptx::mma_m16n8k16_f32<T>(c[mt][2 * np + 1], a[mt], b1);
+            for (int np = 0; np < NT / 2; ++np) {
+                const uint32_t b0[2] = {b[kk % 2][np][0], b[kk % 2][np][1]};
+                const uint32_t b1[2] = {b[kk % 2][np][2], b[kk % 2][np][3]};
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    ptx::mma_m16n8k16_f32<T>(c[mt][2 * np], a[kk % 2][mt], b0);
+                    ptx::mma_m16n8k16_f32<T>(c[mt][2 * np + 1], a[kk % 2][mt], b1);
+                }
+            }
+        }
+    } else {
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+            uint32_t a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) ptx::ldmatrix_x4(a[mt], a_lane + mt * 16 * APITCH + kk * 32);
+#pragma unroll
+            for (int np = 0; np < NT / 2; ++np) {
+                uint32_t r[4];
+                ptx::ldmatrix_x4_trans(r, b_lane + kk * 16 * BPITCH + np * 32);
+                const uint32_t b0[2] = {r[0], r[1]};
+                const uint32_t b1[2] = {r[2], r[3]};
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    ptx::mma_m16n8k16_f32<T>(c[mt][2 * np], a[mt], b0);
+                    ptx::mma_m16n8k16_f32<T>(c[mt][2 * np + 1], a[mt], b1);
+                }
             }
         }
     }
@@ -305,31 +365,35 @@ __device__ __forceinline__ void gemm_rows_trans(float (&c)[MT][NT][4], uint32_t 
 
 // c += A B with A stored transposed ([k][m] tile, a_lane = its first k row and m column + at_x4)
 // and B through .trans ([k][n] tile, b_lane as in gemm_regs_trans). NT may be odd (the last n8
-// tile through ldmatrix x2.trans): dQ column splits such as 40 of d = 80.
+// tile through ldmatrix x2.trans): dQ column splits such as 40 of d = 80. The fragments of k16
+// step kk + 1 are loaded before the MMAs of step kk.
 template <class T, int MT, int KS, int NT, int APITCH, int BPITCH>
 __device__ __forceinline__ void gemm_trans_trans(float (&c)[MT][NT][4], uint32_t a_lane, uint32_t b_lane) {
+    uint32_t a[2][MT][4], b[2][NT / 2 > 0 ? NT / 2 : 1][4], bt[2][2];
+    auto load = [&](int kk, int buf) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) ptx::ldmatrix_x4_trans(a[buf][mt], a_lane + kk * 16 * APITCH + mt * 32);
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) ptx::ldmatrix_x4_trans(b[buf][np], b_lane + kk * 16 * BPITCH + np * 32);
+        if constexpr (NT % 2 == 1) ptx::ldmatrix_x2_trans(bt[buf], b_lane + kk * 16 * BPITCH + (NT / 2) * 32);
+    };
+    load(0, 0);
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
-        uint32_t a[MT][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) ptx::ldmatrix_x4_trans(a[mt], a_lane + kk * 16 * APITCH + mt * 32);
+        if (kk + 1 < KS) load(kk + 1, (kk + 1) % 2);
 #pragma unroll
         for (int np = 0; np < NT / 2; ++np) {
-            uint32_t r[4];
-            ptx::ldmatrix_x4_trans(r, b_lane + kk * 16 * BPITCH + np * 32);
-            const uint32_t b0[2] = {r[0], r[1]};
-            const uint32_t b1[2] = {r[2], r[3]};
+            const uint32_t b0[2] = {b[kk % 2][np][0], b[kk % 2][np][1]};
+            const uint32_t b1[2] = {b[kk % 2][np][2], b[kk % 2][np][3]};
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-                ptx::mma_m16n8k16_f32<T>(c[mt][2 * np], a[mt], b0);
-                ptx::mma_m16n8k16_f32<T>(c[mt][2 * np + 1], a[mt], b1);
+                ptx::mma_m16n8k16_f32<T>(c[mt][2 * np], a[kk % 2][mt], b0);
+                ptx::mma_m16n8k16_f32<T>(c[mt][2 * np + 1], a[kk % 2][mt], b1);
             }
         }
         if constexpr (NT % 2 == 1) {
-            uint32_t b[2];
-            ptx::ldmatrix_x2_trans(b, b_lane + kk * 16 * BPITCH + (NT / 2) * 32);
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) ptx::mma_m16n8k16_f32<T>(c[mt][NT - 1], a[mt], b);
+            for (int mt = 0; mt < MT; ++mt) ptx::mma_m16n8k16_f32<T>(c[mt][NT - 1], a[kk % 2][mt], bt[kk % 2]);
         }
     }
 }

@@ -59,6 +59,10 @@ struct BwdMainloop {
     static_assert(BM / 2 <= kThreads, "one thread per 16-byte chunk of a step's LSE and D rows");
 
     using Acc = float[kMT][kDT][4];  // a warp's dK or dV slab: [16*kMT keys][kWarpD columns]
+    // Fragment double buffering (the PIPE forms of sm80/bwd_gemm.cuh) in the S^T / dP^T and smem
+    // dV / dK GEMMs: with 8 warps (the 4-warp tiles and d = 128 with one stage spill with it). The
+    // dQ GEMM (gemm_trans_trans) always double-buffers.
+    static constexpr bool kPipeFrags = W == 8 && !(D == 128 && S == 1);
 
     const FaParams& p;
     unsigned char* smem;
@@ -192,10 +196,10 @@ struct BwdMainloop {
             zero_acc(s);
             zero_acc(dp);
             if (!hidden) {
-                gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, kPitch>(
+                gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, kPitch, kPipeFrags>(
                     s, base + Smem::kKOffset + key0 * kPitch + RowLane::a_x4(lane),
                     q_stage + Smem::kQOffset + qc * kPitch + RowLane::b_x4(lane));
-                gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, kPitch>(
+                gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, kPitch, kPipeFrags>(
                     dp, base + Smem::kVOffset + key0 * kPitch + RowLane::a_x4(lane),
                     q_stage + Smem::kDoOffset + qc * kPitch + RowLane::b_x4(lane));
                 probs_and_grads<kMasked>(s, dp, st, h, m, qc, key0, stage, lane);
@@ -318,10 +322,10 @@ struct BwdMainloop {
         const uint32_t base = smem_base();
         const uint32_t q_stage = base + static_cast<uint32_t>(stage) * Smem::kQStageBytes;
         const uint32_t col = wc * Shape::kWarpD * 2;
-        gemm_rows_trans<T, kMT, BM / 16, kDT, kSPitch, kPitch>(
+        gemm_rows_trans<T, kMT, BM / 16, kDT, kSPitch, kPitch, kPipeFrags>(
             dv, base + Smem::kPtOffset + key0 * kSPitch + SLane::a_x4(lane),
             q_stage + Smem::kDoOffset + RowLane::bt_x4(lane) + col);
-        gemm_rows_trans<T, kMT, BM / 16, kDT, kSPitch, kPitch>(
+        gemm_rows_trans<T, kMT, BM / 16, kDT, kSPitch, kPitch, kPipeFrags>(
             dk, base + Smem::kDsOffset + key0 * kSPitch + SLane::a_x4(lane),
             q_stage + Smem::kQOffset + RowLane::bt_x4(lane) + col);
     }

@@ -43,7 +43,8 @@
 //!   O_i    = rnd(sum_j P_ij v_j)                                       (PV)
 //! backward:
 //!   dP_ij  = rnd(sum_d dO_i[d] v_j[d])                                 (dO V^T)
-//!   D_i    = sum_j P_ij dP_ij                                          (f32, softmax backward)
+//!   D_i    = sum_d dO_i[d] O_i[d]                                      (f32, FlashAttention's D:
+//!                                                                       = sum_j P_ij dP_ij exactly)
 //!   dS_ij  = rnd(P_ij (dP_ij - D_i))                                   (softmax backward)
 //!   dR_ij  = rnd(dS_ij * (1 - t_ij^2) * scale)                         (chain backward; no tanh
 //!                                                                       factor without softcap)
@@ -655,6 +656,7 @@ pub fn backward_lowp(
     let mut dv = vec![0.0f32; v.len()];
     let mut dsink = p.sink_logits.as_ref().map(|_| vec![0.0f32; p.heads]);
     let mut dp_row = Vec::new();
+    let mut o_row = Vec::new();
     for seq in sequences(p) {
         for h in 0..p.heads {
             let hk = p.kv_head(h);
@@ -666,7 +668,7 @@ pub fn backward_lowp(
                 let dchain_row = &sm.dchain[i * seq.sk..(i + 1) * seq.sk];
                 let qi_off = p.q_off(seq.q0 + i, h);
                 let (q_i, do_i) = (&q[qi_off..][..d], &dout[qi_off..][..d]);
-                // dP = dO V^T (rounded) and the softmax backward's D = sum_j P dP.
+                // dP = dO V^T (rounded).
                 dp_row.clear();
                 dp_row.extend(p_row.iter().enumerate().map(|(j, &p_ij)| {
                     if p_ij == 0.0 {
@@ -675,7 +677,18 @@ pub fn backward_lowp(
                         round_to(prec, dot_f32(do_i, &v[p.kv_off(seq.k0 + j, hk)..][..d]))
                     }
                 }));
-                let d_i = p_row.iter().zip(&dp_row).fold(0.0f32, |acc, (x, y)| acc + x * y);
+                // D = rowsum(dO * O) with O as the forward wrote it (rounded), as FlashAttention's
+                // algorithm computes it: sum_j P dP in exact arithmetic, but not cancelling
+                // bit for bit against the rounded dP (e.g. with one key, where dS is exactly 0).
+                o_row.clear();
+                o_row.resize(d, 0.0);
+                for (j, &p_ij) in p_row.iter().enumerate() {
+                    if p_ij != 0.0 {
+                        axpy_f32(&mut o_row, p_ij, &v[p.kv_off(seq.k0 + j, hk)..][..d]);
+                    }
+                }
+                round_all(prec, &mut o_row);
+                let d_i = dot_f32(do_i, &o_row);
                 if let Some(ds) = dsink.as_mut() {
                     ds[h] += round_to(prec, p_sink_i * (0.0 - d_i));
                 }
