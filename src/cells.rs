@@ -421,11 +421,16 @@ pub const fn sm80_fwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 ///   174/213/143/189, d96 241/288/171/233, d128 256/297/189/273 (GQA 238/296/201/278), d256
 ///   207/254/172/232: 0.75-1.05x, geometric mean 0.91x.
 /// - d = 80 keeps 16-row warps (a 40-column split is not whole k16 steps); d = 192 follows d = 256.
+/// - Session 2 (2026-11-22, geometric mean over non-causal / causal 2k / 8k against the first
+///   tile in the same session): no other tile won: d64 64x128w8 0.85x, 128x128w8 0.91x; d96
+///   128x64w8 0.77x, two Q buffers + one dO buffer (its next dO loaded after dV) 0.96x, 16-row
+///   warps (P^T kept in registers) 0.90x at 64x128 and 1.00x at 128x128 s1; d128 128x64w8 0.79x,
+///   the two-Q-buffer form 0.95x; d256 s2 0.95x, the two-Q-buffer form 0.96x.
 ///
 /// Registers per thread of the main kernel (nvcc 13.0, -O3, sm_80 / sm_90 SASS, bf16 and f16;
-/// 0 spills, 0 stack everywhere): d64 32x128w4 255/255, 64x128w8 219/224; d80 s2 243/242,
-/// s1 244/255; d96 64x128w8 255/245, 64x64w4 255/255; d128 255/255 for all three; d192 64x64 s1
-/// 228/226, s2 226/222, 32x64 213/223; d256 64x64 s1 240/243, s2 240/240, 32x32 240/242.
+/// 0 spills, 0 stack everywhere): d64 32x128w4 255/255, 64x128w8 218/228; d80 s2 255/244,
+/// s1 244/245; d96 64x128w8 254/245, 64x64w4 255/255; d128 255/255 for all three; d192 64x64 s1
+/// 228/226, s2 226/222, 32x64 217/226; d256 64x64 s1 244/248, s2 240/240, 32x32 240/242.
 pub const fn sm80_bwd_tiles(head_dim: u32) -> &'static [Tile] {
     match head_dim {
         64 => &[tile!(32, 128, 4, 2), tile!(64, 128, 8, 2)],
