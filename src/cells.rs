@@ -363,9 +363,14 @@ macro_rules! tile {
 ///   overlap one half's MMAs with the other's exponentials in one warp): 3-10% slower at
 ///   d = 64-128.
 ///
+/// - Session 3: the ring refill after the step's first Q K^T MMAs (`FwdMainloop::kRefill`), three
+///   full-grid runs alternating with the previous kernels: +2.0% geometric mean (d = 128 +0-6%).
+///   Not kept: a d = 256 128 x 32 x 8 warps x 3 stages tile (Q in registers), not measurably
+///   faster than 128 x 64 x 2 stages.
+///
 /// Registers per thread (nvcc 13.0, -O3; sm_80 / sm_90 SASS; same for f16 and bf16; 0 spills and
-/// 0 stack everywhere): d64 128x64 222/222; d80 128x64x3 226/227; d96 128x64x3 238/243, x2
-/// 239/243; d128 128x64 255/255, 128x32 223/227; d192 128x64w8 240/240, 64x32 230/238;
+/// 0 stack everywhere): d64 128x64 226/224; d80 128x64x3 222/223; d96 128x64x3 238/239, x2
+/// 238/239; d128 128x64 254/255, 128x32 227/234; d192 128x64w8 240/240, 64x32 230/238;
 /// d256 128x64w8 255/255, 64x64x1 241/239.
 pub const fn sm80_fwd_tiles(head_dim: u32) -> &'static [Tile] {
     match head_dim {

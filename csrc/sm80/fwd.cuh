@@ -16,7 +16,9 @@
 //   vote); the sums stay per lane until the end; LSE = (base * scale_log2 + log2 sum) * ln 2;
 //   learnable sink logits join the denominator in `finalize`.
 // - K/V ring of S stages, one cp.async group and one barrier per KV step: block t+S-1 loads while
-//   block t computes (common/mask.cuh plans the walk; fwd_mainloop.cuh runs it). S = 1 (one K and
+//   block t computes (common/mask.cuh plans the walk; fwd_mainloop.cuh runs it); at d <= 128 the
+//   refill is issued after the step's first Q K^T MMAs, so they need not wait for its address
+//   arithmetic (FwdMainloop::kRefill). S = 1 (one K and
 //   one V buffer, two barriers per step, FlashAttention-2's scheme) where one stage is what lets
 //   two blocks share an SM (d = 256, 64 x 64).
 // - The walk visits the masked blocks first (right edge: diagonal / ragged key tail; left edge of

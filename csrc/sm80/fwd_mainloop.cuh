@@ -6,6 +6,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <type_traits>
+
 #include "common/mask.cuh"
 #include "common/ptx.cuh"
 #include "common/softmax.cuh"
@@ -263,10 +265,11 @@ struct FwdWalkState {
 //
 // Pipeline (one cp.async group per walk step, one barrier per step):
 //   prologue: group 0 = Q + the KV block of step 0; groups 1 .. S-2 = steps 1 .. S-2.
-//   step t:   wait until group t has landed (wait_group S-2) and barrier; then issue the block of
-//             step t+S-1 into stage (t+S-1) % S = (t-1) % S, which every warp finished in step
-//             t-1 (the barrier proves it); commit (possibly empty, so group index == step index);
-//             then S = Q K^T, score mods, mask, online softmax, O += P V on stage t % S.
+//   step t:   wait until group t has landed (wait_group S-2) and barrier; S = Q K^T on stage
+//             t % S; issue the block of step t+S-1 into stage (t+S-1) % S = (t-1) % S, which every
+//             warp finished in step t-1 (the barrier proves it); commit (possibly empty, so group
+//             index == step index); score mods, mask, online softmax, O += P V. (Where registers
+//             are short, all or part of the refill comes before S = Q K^T: kRefill.)
 // S = 1 (one K and one V buffer, FlashAttention-2's scheme; see step_single_stage):
 //   prologue: group 0 = Q + K of step 0.
 //   step t:   wait, barrier, issue V(t); S = Q K^T; wait, barrier, issue K(t+1); softmax, P V.
@@ -319,6 +322,22 @@ struct FwdMainloop {
     static constexpr int kChunkN =
         kWideQInRegs ? 32 : (kOAndSRegs > 160 && !kParkRowSums && BN % 32 == 0) ? BN / 2 : BN;
 
+    // Where the ring refill of a step (the K and V of the block of step t+S-1) is issued:
+    // - kLate: after the step's first S = Q K^T (compute() calls it), not right after the
+    //   barrier: the MMAs no longer wait behind the walk-state reads, the plan lookup and the copy
+    //   addresses (~50 dependent integer instructions), which the scheduler now overlaps with them.
+    //   d = 64 / 80 / 96 and d = 128 with 32-key blocks.
+    // - kSplit: K after the barrier, V after the first S = Q K^T (V of that block is needed only at
+    //   its P V). Where O + S leave no room for both copies' addresses next to S (parked row sums,
+    //   d = 128 x 64 keys: the whole late refill spilled 40 bytes; half of it fits).
+    // - kEarly: both after the barrier. d = 192 / 256 with Q in registers (one block per SM): the
+    //   late refill was 2-6% slower there, and a split one not measurably faster.
+    // Measured on H100 (bf16, full grid, session 3 of 2026-11-22, three runs each alternating
+    // with HEAD): geometric mean +2.0% (d = 64 +1-7%, 80 -2..+7%, 96 +0-5%, 128 +0-6%).
+    enum class Refill { kEarly, kLate, kSplit };
+    static constexpr Refill kRefill =
+        kWideQInRegs ? Refill::kEarly : kParkRowSums ? Refill::kSplit : Refill::kLate;
+
     const FaParams& p;
     unsigned char* smem;  // the dynamic shared memory (generic pointer into the shared window)
 
@@ -345,6 +364,19 @@ struct FwdMainloop {
         uint4 lines[Smem::kStateLines];
 #pragma unroll
         for (int i = 0; i < Smem::kStateLines; ++i) lines[i] = *state_line(i);
+        State st;
+        memcpy(&st, lines, sizeof(State));
+        return st;
+    }
+
+    // load_state through volatile shared loads: read where it stands (after a step's first
+    // MMAs), never merged with the step's first read, so that the state is not held across them.
+    __device__ __forceinline__ State load_state_fresh() const {
+        uint4 lines[Smem::kStateLines];
+#pragma unroll
+        for (int i = 0; i < Smem::kStateLines; ++i) {
+            lines[i] = ptx::ld_shared_v4_b32(smem_base() + Smem::kStateOffset + i * kPitch);
+        }
         State st;
         memcpy(&st, lines, sizeof(State));
         return st;
@@ -437,14 +469,29 @@ struct FwdMainloop {
         // and (at t = 0) the walk state is published.
         __syncthreads();
         const State st = load_state();
-        const int t_fill = t + S - 1;
-        if (t_fill < st.plan.num_blocks()) {
-            const int n_fill = kMasked ? st.plan.block_at(t_fill) : st.plan.unmasked_block_at(t_fill);
-            load_kv</*kFullBlock=*/!kMasked>(st, n_fill, stage_of(t_fill));
-        }
-        // Always commit (maybe an empty group) so that group index == walk step for wait_group.
-        ptx::cp_async_commit_group();
-        compute<kMasked>(t, kMasked ? st.plan.block_at(t) : st.plan.unmasked_block_at(t), st, q, o, softmax);
+        // The refill: K and / or V of the block of step t+S-1 into the stage every warp left in
+        // step t-1, here or after the first S = Q K^T (kRefill); the step's cp.async group is
+        // committed after V. Issued late, the block still has the rest of this step and steps
+        // t+1 .. t+S-2 to land (and its V until the P V of step t+S-1).
+        const auto refill = [&](auto with_k, auto with_v) {
+            const State fs = load_state_fresh();
+            const int t_fill = t + S - 1;
+            if (t_fill < fs.plan.num_blocks()) {
+                const int n_fill = kMasked ? fs.plan.block_at(t_fill) : fs.plan.unmasked_block_at(t_fill);
+                if constexpr (decltype(with_k)::value) load_k</*kFullBlock=*/!kMasked>(fs, n_fill, stage_of(t_fill));
+                if constexpr (decltype(with_v)::value) load_v</*kFullBlock=*/!kMasked>(fs, n_fill, stage_of(t_fill));
+            }
+            // Always commit (maybe an empty group) so that group index == walk step for wait_group.
+            if constexpr (decltype(with_v)::value) ptx::cp_async_commit_group();
+        };
+        using Yes = std::true_type;
+        using No = std::false_type;
+        if constexpr (kRefill == Refill::kEarly) refill(Yes{}, Yes{});
+        if constexpr (kRefill == Refill::kSplit) refill(Yes{}, No{});
+        compute<kMasked>(t, kMasked ? st.plan.block_at(t) : st.plan.unmasked_block_at(t), st, q, o, softmax, [&] {
+            if constexpr (kRefill == Refill::kLate) refill(Yes{}, Yes{});
+            if constexpr (kRefill == Refill::kSplit) refill(No{}, Yes{});
+        });
         // Re-read rather than keep the plan live across the step's register peak.
         return next_after(t, load_state().plan);
     }
@@ -523,9 +570,10 @@ struct FwdMainloop {
     // The math of walk step t on KV block n_block: S = Q K^T, score mods, mask (kMasked),
     // online softmax, O += P V, in chunks of kChunkN keys. Lane-derived addresses and indices are recomputed from %tid
     // (cheap) rather than held in registers across the loop.
-    template <bool kMasked, class Softmax>
+    // refill(): issued once per call, after the first chunk's S = Q K^T (see step_ring).
+    template <bool kMasked, class Softmax, class Refill>
     __device__ __forceinline__ void compute(int t, int n_block, const State& st, const QFrags& q,
-                                            float (&o)[kMT][kDT][4], Softmax& softmax) const {
+                                            float (&o)[kMT][kDT][4], Softmax& softmax, const Refill& refill) const {
         constexpr int kChunkNT = kChunkN / 8;
         static_assert(BN % kChunkN == 0 && kChunkN % 16 == 0, "a chunk is whole k16 steps of P V");
         const int tid = ptx::thread_idx_x();
@@ -536,7 +584,10 @@ struct FwdMainloop {
             // unchanged by a block of -inf scores. Warp-uniform; its issue slots go to the
             // other resident block.
             const int warp_row0 = st.m_begin + warp * kWarpRows;
-            if (st.mask.hides(warp_row0, warp_row0 + kWarpRows - 1, n_block * BN, (n_block + 1) * BN)) return;
+            if (st.mask.hides(warp_row0, warp_row0 + kWarpRows - 1, n_block * BN, (n_block + 1) * BN)) {
+                refill();
+                return;
+            }
         }
         const uint32_t stage_offset = static_cast<uint32_t>(stage_of(t)) * Smem::kKvStageBytes;
         const uint32_t k_lane = smem_base() + Smem::kKOffset + stage_offset + Lane::b_x4(lane);
@@ -551,6 +602,7 @@ struct FwdMainloop {
         for (int chunk = 0; chunk < BN / kChunkN; ++chunk) {
             float s[kMT][kChunkNT][4];  // [16*kMT rows][kChunkN keys] scores
             chunk_qk(s, q, k_lane + chunk * kChunkN * kPitch, warp, lane);
+            if (chunk == 0) refill();
             chunk_softmax_pv<kMasked>(s, o, softmax, st, row0, col0 + chunk * kChunkN,
                                       v_lane + chunk * kChunkN * kPitch);
         }
