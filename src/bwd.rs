@@ -28,7 +28,6 @@ use crate::cells::{Cell, Direction, Family};
 use crate::dispatch::{DISPATCH_TABLE, KernelRef, not_compiled};
 use crate::error::{Error, Result};
 use crate::fwd::{self, Dims, Impl};
-use crate::kernels::KernelEntry;
 use crate::options::FwdOptions;
 use crate::params::FaParams;
 use crate::runtime::{self, Geometry};
@@ -246,7 +245,7 @@ pub(crate) fn run_bwd<T: AttnElement>(
     }
     let entry = match imp {
         Impl::Reference => &kref.image.kernels[0],
-        Impl::Flash => choose_tile(
+        Impl::Flash => fwd::choose_tile(
             &kref,
             ov.smem_limit
                 .map_or(info.max_smem_optin, |l| l.min(info.max_smem_optin)),
@@ -437,25 +436,6 @@ pub(crate) fn run_bwd<T: AttnElement>(
 
 /// Block size of the sm80-family dot and convert kernels (`kBwdPrePostThreads` in csrc/sm80/bwd.cuh).
 const SM80_BWD_PRE_POST_THREADS: u32 = 256;
-
-/// The tile variant to run: `variant` when given (it must fit), else the first whose shared
-/// memory fits `limit`.
-fn choose_tile(kref: &KernelRef, limit: u32, variant: Option<usize>) -> Result<&'static KernelEntry> {
-    let kernels = kref.image.kernels;
-    let found = match variant {
-        Some(i) => kernels.get(i).filter(|k| k.smem_bytes <= limit),
-        None => kernels.iter().find(|k| k.smem_bytes <= limit),
-    };
-    found.ok_or_else(|| Error::NoKernel {
-        what: match variant {
-            Some(i) => format!(
-                "{}: tile variant {i} does not exist or does not fit {limit} bytes",
-                kref.key()
-            ),
-            None => format!("{}: no tile variant fits {limit} bytes of shared memory", kref.key()),
-        },
-    })
-}
 
 /// The fp32 workspaces of one backward call (see the module docs for their sizes). Buffers a
 /// path does not use are one element long (reference) or absent (sm80 family).

@@ -293,15 +293,23 @@ fn i32_bound(what: &'static str, v: Option<u32>) -> Result<i32> {
     }
 }
 
-/// Chooses the first tile variant whose shared memory fits `limit`.
-fn choose_tile(kref: &KernelRef, limit: u32) -> Result<&'static KernelEntry> {
-    kref.image
-        .kernels
-        .iter()
-        .find(|k| k.smem_bytes <= limit)
-        .ok_or_else(|| Error::NoKernel {
-            what: format!("{}: no tile variant fits {limit} bytes of shared memory", kref.key()),
-        })
+/// The tile variant to run: `variant` when given (it must fit), else the first whose shared
+/// memory fits `limit`.
+pub(crate) fn choose_tile(kref: &KernelRef, limit: u32, variant: Option<usize>) -> Result<&'static KernelEntry> {
+    let kernels = kref.image.kernels;
+    let found = match variant {
+        Some(i) => kernels.get(i).filter(|k| k.smem_bytes <= limit),
+        None => kernels.iter().find(|k| k.smem_bytes <= limit),
+    };
+    found.ok_or_else(|| Error::NoKernel {
+        what: match variant {
+            Some(i) => format!(
+                "{}: tile variant {i} does not exist or does not fit {limit} bytes",
+                kref.key()
+            ),
+            None => format!("{}: no tile variant fits {limit} bytes of shared memory", kref.key()),
+        },
+    })
 }
 
 /// The sm90-family tile for this call: the one `sm90_fwd_variant` prefers for its sequence length
@@ -317,7 +325,7 @@ fn sm90_choose_tile(kref: &KernelRef, limit: u32, dims: &Dims, causal: bool) -> 
         .find(|k| Some(&k.tile) == want && k.smem_bytes <= limit)
     {
         Some(k) => Ok(k),
-        None => choose_tile(kref, limit),
+        None => choose_tile(kref, limit, None),
     }
 }
 
@@ -699,18 +707,7 @@ pub(crate) fn run_fwd<T: AttnElement>(
         .map_or(info.max_smem_optin, |l| l.min(info.max_smem_optin));
     let entry = match ov.variant {
         None if kref.cell().family == Family::Sm90 => sm90_choose_tile(&kref, smem_limit, &dims, prep.causal)?,
-        None => choose_tile(&kref, smem_limit)?,
-        Some(i) => kref
-            .image
-            .kernels
-            .get(i)
-            .filter(|k| k.smem_bytes <= smem_limit)
-            .ok_or_else(|| Error::NoKernel {
-                what: format!(
-                    "{}: tile variant {i} does not exist or does not fit {smem_limit} bytes",
-                    kref.key()
-                ),
-            })?,
+        variant => choose_tile(&kref, smem_limit, variant)?,
     };
     let m_blocks = dims.seqlen_q.div_ceil(entry.tile.block_m as usize);
     let geom = match kref.cell().family {
