@@ -431,11 +431,28 @@ pub const fn sm80_fwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 ///   128x64w8 0.77x, two Q buffers + one dO buffer (its next dO loaded after dV) 0.96x, 16-row
 ///   warps (P^T kept in registers) 0.90x at 64x128 and 1.00x at 128x128 s1; d128 128x64w8 0.79x,
 ///   the two-Q-buffer form 0.95x; d256 s2 0.95x, the two-Q-buffer form 0.96x.
+/// - Session 4 (2026-12-02, H200, bf16, `bench --bwd`, 5 head dims x 512/2k/8k/16k, two interleaved
+///   runs each, min of the run medians, geometric mean over 48 cells against the previous kernel):
+///   dq_accum blocks stored fragment-major (`BwdShape::dq_frag_index`), one `red.global.add.v4.f32`
+///   per lane and m16n8 tile (512 contiguous bytes per warp instruction instead of 8 rows x 32
+///   bytes): 1.054x (d64 +1-2%, d80 +4-6% from 2k, d96 +5-8%, d128 +6-9%, d256 +6-15%; d80 512 -1
+///   to -4%). P^T before dP^T (`kExpEarly`, exponentials overlapping the dP^T MMAs) on top: d64 and
+///   d128 +1.5-2% more (1.062x overall); d96 -2.5%, d256 -1.5% (other device call), d80 +-0.5% (not
+///   enabled). The alternatives still lose with the new dQ layout (8k non-causal, TFLOP/s): d64
+///   64x128w8 225 vs 268, d128 s1 276 vs 279, d256 s2 222 vs 226; d96 64x64w4s1 253 vs 251 (within
+///   noise). ncu, d128 non-causal 8k main kernel: ours 9.66 ms, 2.24 G instructions, 7.99 cycles
+///   per issued instruction; PyTorch's FA2 8.77 ms, 2.12 G, 7.67 (its pre/post kernels ~0.7 ms from
+///   its 9.46 ms total, ours ~0.2 ms). Of our ~1070 instructions per warp and step ~190 are the
+///   next step's load addresses (`load_step`), issued right after the step's first barrier while
+///   the tensor pipe idles.
 ///
 /// Registers per thread of the main kernel (nvcc 13.0, -O3, sm_80 / sm_90 SASS, bf16 and f16;
 /// 0 spills, 0 stack everywhere): d64 32x128w4 255/255, 64x128w8 218/228; d80 s2 255/244,
 /// s1 244/245; d96 64x128w8 254/245, 64x64w4 255/255; d128 255/255 for all three; d192 64x64 s1
 /// 228/226, s2 226/222, 32x64 217/226; d256 64x64 s1 244/248, s2 240/240, 32x32 240/242.
+/// Session 4 (fragment-major dQ, `kExpEarly` at d64 / d128; bf16, sm_90): d64 32x128w4 255 with
+/// a 16-byte spill (prologue and epilogue only, none in the walk), 64x128w8 217; d80 s2 244, s1
+/// 245; d96 64x128w8 245, 64x64w4 255; d128 255 for all three; d256 s1 241, s2 240, 32x32 240.
 pub const fn sm80_bwd_tiles(head_dim: u32) -> &'static [Tile] {
     match head_dim {
         64 => &[tile!(32, 128, 4, 2), tile!(64, 128, 8, 2)],

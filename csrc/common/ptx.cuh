@@ -240,6 +240,19 @@ __device__ __forceinline__ void red_add_f32x2(float* gmem_addr, float a, float b
 #endif
 }
 
+// addr[0..3] += v.x..v.w (16-byte aligned): one vector RED on sm_90, four scalar ones before it.
+__device__ __forceinline__ void red_add_f32x4(float* gmem_addr, float a, float b, float c, float d) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(gmem_addr), "f"(a), "f"(b), "f"(c), "f"(d)
+                 : "memory");
+#else
+    red_add_f32(gmem_addr, a);
+    red_add_f32(gmem_addr + 1, b);
+    red_add_f32(gmem_addr + 2, c);
+    red_add_f32(gmem_addr + 3, d);
+#endif
+}
+
 // A 32-bit flag read with acquire semantics at GPU scope (pairs with red_release_add_s32).
 __device__ __forceinline__ int ld_acquire_s32(const int* gmem_addr) {
     int v;

@@ -106,6 +106,26 @@ struct BwdShape {
     static constexpr int kDqPasses = dq_passes_of(kDqMT, kDqNT);
     static constexpr int kDqPassNT = kDqNT / kDqPasses;
 
+    // dq_accum layout of a query block (BM x D fp32) in fragments: the 4 accumulator values of
+    // one lane's m16n8 tile (rows r, r + 8, columns c, c + 1) are 16 consecutive bytes, the 32
+    // lanes of one tile 512 consecutive bytes, ordered by (warp, pass, mt, nt). Fragment index:
+    __device__ __forceinline__ static int dq_frag_index(int warp, int pass, int mt, int nt, int lane) {
+        return (((warp * kDqPasses + pass) * kDqMT + mt) * kDqPassNT + nt) * 32 + lane;
+    }
+    // ... and the block row / column of value 0 of fragment f (value i: row + 8 * (i / 2), column + i % 2).
+    __device__ __forceinline__ static void dq_frag_coords(int f, int& row, int& col) {
+        const int lane = f % 32;
+        f /= 32;
+        const int nt = f % kDqPassNT;
+        f /= kDqPassNT;
+        const int mt = f % kDqMT;
+        f /= kDqMT;
+        const int pass = f % kDqPasses;
+        const int warp = f / kDqPasses;
+        row = (warp % kDqWM) * kDqRows + 16 * mt + lane / 4;
+        col = (warp / kDqWM) * kDqCols + (pass * kDqPassNT + nt) * 8 + 2 * (lane % 4);
+    }
+
     static_assert(W == 4 || W == 8, "4 or 8 warps: the register budget assumes 128-256 threads");
     static_assert(D % 16 == 0, "the head dim is walked in k16 steps");
     static_assert(BM % 16 == 0 && BN % 16 == 0, "query and key blocks are whole m16 / k16 tiles");

@@ -63,6 +63,9 @@ struct BwdMainloop {
     // dV / dK GEMMs: with 8 warps (the 4-warp tiles and d = 128 with one stage spill with it). The
     // dQ GEMM (gemm_trans_trans) always double-buffers.
     static constexpr bool kPipeFrags = W == 8 && !(D == 128 && S == 1);
+    // P^T before dP^T (probs_plain, then grads_plain) where it measured faster: d = 64 and 128
+    // (+1.5-2% on the H200); d = 96 and 256 lost 1.5-2.5% with it (src/cells.rs notes).
+    static constexpr bool kExpEarly = D == 64 || D == 128;
 
     const FaParams& p;
     unsigned char* smem;
@@ -199,10 +202,25 @@ struct BwdMainloop {
                 gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, kPitch, kPipeFrags>(
                     s, base + Smem::kKOffset + key0 * kPitch + RowLane::a_x4(lane),
                     q_stage + Smem::kQOffset + qc * kPitch + RowLane::b_x4(lane));
-                gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, kPitch, kPipeFrags>(
-                    dp, base + Smem::kVOffset + key0 * kPitch + RowLane::a_x4(lane),
-                    q_stage + Smem::kDoOffset + qc * kPitch + RowLane::b_x4(lane));
-                probs_and_grads<kMasked>(s, dp, st, h, m, qc, key0, stage, lane);
+                if constexpr (kExpEarly) {
+                    // Without score modifiers P^T is formed before dP^T = V dO^T, so that its
+                    // exponentials can overlap the dP^T MMAs.
+                    const bool mods = p.softcap > 0.f || p.alibi_slopes != nullptr;
+                    if (!mods) probs_plain<kMasked>(s, st, m, qc, key0, stage, lane);
+                    gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, kPitch, kPipeFrags>(
+                        dp, base + Smem::kVOffset + key0 * kPitch + RowLane::a_x4(lane),
+                        q_stage + Smem::kDoOffset + qc * kPitch + RowLane::b_x4(lane));
+                    if (!mods) {
+                        grads_plain(s, dp, qc, stage, lane);
+                    } else {
+                        probs_and_grads_impl<kMasked, /*kMods=*/true>(s, dp, st, h, m, qc, key0, stage, lane);
+                    }
+                } else {
+                    gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, kPitch, kPipeFrags>(
+                        dp, base + Smem::kVOffset + key0 * kPitch + RowLane::a_x4(lane),
+                        q_stage + Smem::kDoOffset + qc * kPitch + RowLane::b_x4(lane));
+                    probs_and_grads<kMasked>(s, dp, st, h, m, qc, key0, stage, lane);
+                }
             }
             uint32_t pa[kMT][kNT / 2][4];  // P^T as A fragments (T)
             uint32_t dsa[kMT][kNT / 2][4];  // dS^T as A fragments (T)
@@ -312,6 +330,57 @@ struct BwdMainloop {
         }
     }
 
+    // Without score modifiers, in two halves: S^T -> P^T in place (before dP^T is computed) ...
+    template <bool kMasked, int NT>
+    __device__ __forceinline__ void probs_plain(float (&s)[kMT][NT][4], const BwdWalkState& st, int m, int qc,
+                                                int key0, int stage, int lane) const {
+        const int g = lane / 4, tq = lane % 4;
+        const float* lse2 = reinterpret_cast<const float*>(smem + Smem::kLseOffset + stage * Smem::kStatStageBytes);
+        const int row0 = m * BM + qc + 2 * tq;
+        const int col0 = st.n_block * BN + key0 + g;
+        const float scale_log2 = p.scale_log2;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const float2 l2 = *reinterpret_cast<const float2*>(lse2 + qc + 8 * nt + 2 * tq);
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int i = row0 + 8 * nt + e;
+                const float lse_i = e == 0 ? l2.x : l2.y;
+                const int key_end = st.mask.key_end(i);
+                const int key_begin = st.mask.key_begin(i);
+#pragma unroll
+                for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        const int j = col0 + 16 * mt + 8 * half;
+                        float& x = s[mt][nt][2 * half + e];
+                        float prob = ptx::ex2_approx(fmaf(x, scale_log2, -lse_i));
+                        if constexpr (kMasked) {
+                            const bool visible = j < key_end && (j >= key_begin || j < st.mask.sink_tokens);
+                            prob = visible ? prob : 0.f;
+                        }
+                        x = prob;
+                    }
+            }
+        }
+    }
+
+    // ... then dP^T -> dS^T = P^T (dP^T - D).
+    template <int NT>
+    __device__ __forceinline__ void grads_plain(const float (&s)[kMT][NT][4], float (&dp)[kMT][NT][4], int qc,
+                                                int stage, int lane) const {
+        const int tq = lane % 4;
+        const float* dsum = reinterpret_cast<const float*>(smem + Smem::kDsumOffset + stage * Smem::kStatStageBytes);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const float2 d2 = *reinterpret_cast<const float2*>(dsum + qc + 8 * nt + 2 * tq);
+#pragma unroll
+            for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) dp[mt][nt][i] = s[mt][nt][i] * (dp[mt][nt][i] - (i % 2 == 0 ? d2.x : d2.y));
+        }
+    }
+
     // (kWC > 1) dV += P^T dO and dK += dS^T Q over all BM queries of the step, A from smem: the
     // warp's key rows, its kWarpD columns.
     __device__ __forceinline__ void kv_grads_from_smem(int stage, Acc& dk, Acc& dv) const {
@@ -360,11 +429,10 @@ struct BwdMainloop {
         const uint32_t base = smem_base();
         const bool deterministic = (p.flags & FA_FLAG_DETERMINISTIC) != 0;
         int32_t* sem = deterministic ? Ws::semaphore(p, st.batch, h, m) : nullptr;
-        float* dq = p.dq_accum + (Ws::row(p, h, st.ws_row0) + m * BM) * D;  // [BM][D] fp32
-        const int g = lane / 4, tq = lane % 4;
+        float* dq = p.dq_accum + (Ws::row(p, h, st.ws_row0) + m * BM) * D;  // BM x D fp32, fragment-major
 #pragma unroll 1
         for (int pass = 0; pass < Shape::kDqPasses; ++pass) {
-            const int col = col0 + pass * kPassNT * 8;
+            const int col = col0 + pass * kPassNT * 8;  // the pass's first dQ column
             float acc[kDqMT][kPassNT][4];
             zero_acc(acc);
             gemm_trans_trans<T, kDqMT, BN / 16, kPassNT, kSPitch, kPitch>(
@@ -383,15 +451,16 @@ struct BwdMainloop {
                 // Every thread's reductions below follow the higher blocks' ones.
                 __syncthreads();
             }
+            // Fragment-major block (BwdShape::dq_frag_index): one 512-byte vector reduction per
+            // m16n8 tile, four whole 128-byte lines.
+            float* frag = dq + Shape::dq_frag_index(warp, pass, 0, 0, lane) * 4;
 #pragma unroll
             for (int mt = 0; mt < kDqMT; ++mt)
 #pragma unroll
-                for (int half = 0; half < 2; ++half)
-#pragma unroll
-                    for (int nt = 0; nt < kPassNT; ++nt) {
-                        float* at = dq + (row0 + 16 * mt + 8 * half + g) * D + col + 8 * nt + 2 * tq;
-                        ptx::red_add_f32x2(at, acc[mt][nt][2 * half], acc[mt][nt][2 * half + 1]);
-                    }
+                for (int nt = 0; nt < kPassNT; ++nt) {
+                    const float(&c)[4] = acc[mt][nt];
+                    ptx::red_add_f32x4(frag + (mt * kPassNT + nt) * 128, c[0], c[1], c[2], c[3]);
+                }
         }
         if (deterministic) {
             // This thread's reductions are ordered before the release below ...

@@ -23,14 +23,16 @@ namespace sm80 {
 //   row of (head h, sequence b, query i) = h * R + seq_row0(b) + i, with seq_row0(b) = b * seqlen_q_rounded
 //   (dense) or round_down(cu_q[b], 16) + b * (BM + 16) (varlen: consecutive bases differ by at least
 //   len_b + BM + 1 >= ceil(len_b / BM) * BM, so padded sequences never overlap).
-// Every block base is a multiple of 16 rows: 16-byte cp.async of a block's statistics, 8-byte
+// Every block base is a multiple of 16 rows: 16-byte cp.async of a block's statistics, 16-byte
 // vector reductions into dq_accum.
 // Arrays (the dot kernel writes every row of every block the main kernel visits, padding included):
 //   softmax_d[0 .. H*R)        D_i = rowsum(dO_i * O_i), 0 on padding rows
 //   softmax_d[H*R .. 2*H*R)    LSE_i * log2(e) (the "log2 LSE"); +inf on padding rows and on rows
 //                              whose LSE is -inf (no visible key), so that P = exp2(s - lse) = 0
-//   dq_accum[row * D + d]      dQ / scale, fp32, zeroed by the dot kernel, accumulated by the main
-//                              kernel (red.global.add), converted by the convert kernel
+//   dq_accum[block * BM * D + i] dQ / scale, fp32, zeroed by the dot kernel, accumulated by the
+//                              main kernel (red.global.add.v4), converted by the convert kernel;
+//                              inside a block of BM rows the values are in the main kernel's
+//                              accumulator-fragment order (BwdShape::dq_frag_index), not row-major
 //   semaphore[(b * H + h) * ceil(seqlen_q / BM) + m]   (deterministic mode) KV blocks that have
 //                              added their dQ of query block m so far; zeroed by the dot kernel
 template <int BM>
