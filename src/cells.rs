@@ -368,10 +368,29 @@ macro_rules! tile {
 ///   Not kept: a d = 256 128 x 32 x 8 warps x 3 stages tile (Q in registers), not measurably
 ///   faster than 128 x 64 x 2 stages.
 ///
+/// - Session 4 (H200, 2026-12-02, d = 96 / 128 / 256 grid, two device sessions, old and new
+///   binaries alternated twice in each, PyTorch FA2 in the same session): the d = 96 refill split
+///   (K after the barrier, V after the first Q K^T; was late) +1.7-2.6% non-causal at every
+///   length, causal -1.2% at 512 to +1.3% at 16k (both sessions alike); d = 256 Q in a cp.async
+///   group of its own (`FwdMainloop::kQGroup`) +0-1.3%; d = 256 causal 512 on 64 x 64 x 1
+///   (`sm80_fwd_variant`) +5-8%. Not kept (all measured with forced variants): 16-row-warp tiles
+///   with three blocks per SM, d = 96 64 x 64 x 2 stages (164 registers) 0.76-0.90x and d = 128
+///   64 x 32 x 3 stages (165 registers) 0.73-0.92x of index 0; d = 256 64 x 32 x 2 stages with Q
+///   in registers (two blocks per SM) 0.84-0.95x, worst at short lengths; d = 256 two query
+///   blocks per 128 x 64 x 8-warp block without a mask bound (the next Q loaded into the free Q
+///   smem from the first step, the ring's last refill fetching the next tile's first K/V block,
+///   so the second tile has no prologue): -0.4 to +0.4% at 512-16k, so the ~2 step-times per tile
+///   by which 1k-4k trail 16k (273 / 289 / 298 against 306 TFLOP/s) are not its prologue or
+///   launch. FA2 there: 295 / 311 / 322 / 311 / 316 at 1k-16k non-causal.
+///   Storage: with (batch, heads, seqlen, d) tensors (what compare.py hands PyTorch) instead of
+///   (batch, seqlen, heads, d), ours measured +0-1% at d = 256 and d = 128, +0.5-2.7% at d = 96
+///   non-causal: not what separates the two.
+///
 /// Registers per thread (nvcc 13.0, -O3; sm_80 / sm_90 SASS; same for f16 and bf16; 0 spills and
 /// 0 stack everywhere): d64 128x64 226/224; d80 128x64x3 222/223; d96 128x64x3 238/239, x2
 /// 238/239; d128 128x64 254/255, 128x32 227/234; d192 128x64w8 240/240, 64x32 230/238;
-/// d256 128x64w8 255/255, 64x64x1 241/239.
+/// d256 128x64w8 255/255, 64x64x1 241/239. Session 4 (sm_90, bf16): d96 128x64x3 and x2 244 with
+/// the split refill.
 pub const fn sm80_fwd_tiles(head_dim: u32) -> &'static [Tile] {
     match head_dim {
         64 => &[tile!(128, 64, 4, 2)],
@@ -381,6 +400,24 @@ pub const fn sm80_fwd_tiles(head_dim: u32) -> &'static [Tile] {
         192 => &[tile!(128, 64, 8, 2), tile!(64, 32, 4, 2)],
         256 => &[tile!(128, 64, 8, 2), tile!(64, 64, 4, 1)],
         _ => &[],
+    }
+}
+
+/// The tile of `sm80_fwd_tiles(head_dim)` (an index into it) that a forward call runs when no
+/// variant is forced, given its key count (the longest sequence for varlen) and whether it has a
+/// causal mask. Index 0 is the general tile; the run time falls back to the first tile that fits
+/// where the preferred one does not (sm_86 / sm_89).
+///
+/// Measured on H200 (2026-12-02, bf16, `bench --variant i`, two device sessions):
+/// - d = 256, causal, 512 keys: 64 x 64 x 4 warps x 1 stage (two blocks per SM) 180-184 TFLOP/s
+///   against 169-174 for 128 x 64 x 8 warps (+5-8%); a tie at 1k causal (222-224 both), and
+///   slower from 2k causal (-4 to -10%) and at every non-causal length (-3 to -13%).
+/// - Every other forced variant was slower than index 0 on every cell of the grid (d = 96
+///   128 x 64 x 2 stages, d = 128 128 x 32; see `sm80_fwd_tiles`).
+pub const fn sm80_fwd_variant(head_dim: u32, seqlen_k: usize, causal: bool) -> usize {
+    match head_dim {
+        256 if causal && seqlen_k <= 512 => 1,
+        _ => 0,
     }
 }
 

@@ -312,12 +312,21 @@ pub(crate) fn choose_tile(kref: &KernelRef, limit: u32, variant: Option<usize>) 
     })
 }
 
-/// The sm90-family tile for this call: the one `sm90_fwd_variant` prefers for its sequence length
-/// and mask (short sequences run a narrower KV block), else the first that fits `limit`.
-fn sm90_choose_tile(kref: &KernelRef, limit: u32, dims: &Dims, causal: bool) -> Result<&'static KernelEntry> {
-    let head_dim = kref.cell().head_dim;
-    let tiles = crate::cells::sm90_fwd_tiles(head_dim);
-    let want = tiles.get(crate::cells::sm90_fwd_variant(head_dim, dims.seqlen_k, causal));
+/// The tile for this call when no variant is forced: the one the family's variant function
+/// (`sm90_fwd_variant`, `sm80_fwd_variant`) prefers for its sequence length and mask, else the
+/// first that fits `limit`.
+fn preferred_tile(kref: &KernelRef, limit: u32, dims: &Dims, causal: bool) -> Result<&'static KernelEntry> {
+    let cell = kref.cell();
+    let head_dim = cell.head_dim;
+    let want = match cell.family {
+        Family::Sm90 => {
+            crate::cells::sm90_fwd_tiles(head_dim).get(crate::cells::sm90_fwd_variant(head_dim, dims.seqlen_k, causal))
+        }
+        Family::Sm80 => {
+            crate::cells::sm80_fwd_tiles(head_dim).get(crate::cells::sm80_fwd_variant(head_dim, dims.seqlen_k, causal))
+        }
+        Family::Reference => None,
+    };
     match kref
         .image
         .kernels
@@ -706,7 +715,7 @@ pub(crate) fn run_fwd<T: AttnElement>(
         .smem_limit
         .map_or(info.max_smem_optin, |l| l.min(info.max_smem_optin));
     let entry = match ov.variant {
-        None if kref.cell().family == Family::Sm90 => sm90_choose_tile(&kref, smem_limit, &dims, prep.causal)?,
+        None => preferred_tile(&kref, smem_limit, &dims, prep.causal)?,
         variant => choose_tile(&kref, smem_limit, variant)?,
     };
     let m_blocks = dims.seqlen_q.div_ceil(entry.tile.block_m as usize);

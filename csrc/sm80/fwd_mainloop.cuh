@@ -314,6 +314,11 @@ struct FwdMainloop {
     struct QFrags {
         uint32_t r[kQInRegs ? kMT : 1][kQInRegs ? D / 16 : 1][4];
     };
+    // With 16-row warps and Q in registers (one block per SM, nothing to hide its prologue), the
+    // prologue commits Q as a cp.async group of its own ahead of the ring's groups: load_q then
+    // waits for Q only, not for the first K/V block as well. The ring's wait_group counts are
+    // unchanged (the extra group is the oldest).
+    static constexpr bool kQGroup = kWideQInRegs;
     // With Q in registers at d = 256 the unrolled ragged K/V copy (masked steps) spills.
     using KvCopy = GmemToSmemTile<T, BN, D, kThreads, /*kRolledRaggedCopy=*/kWideQInRegs>;
     // Keys per softmax chunk. Where O + S would take more than that (none of the listed tiles;
@@ -329,14 +334,16 @@ struct FwdMainloop {
     //   d = 64 / 80 / 96 and d = 128 with 32-key blocks.
     // - kSplit: K after the barrier, V after the first S = Q K^T (V of that block is needed only at
     //   its P V). Where O + S leave no room for both copies' addresses next to S (parked row sums,
-    //   d = 128 x 64 keys: the whole late refill spilled 40 bytes; half of it fits).
+    //   d = 128 x 64 keys: the whole late refill spilled 40 bytes; half of it fits), and at d = 96
+    //   (H200, 2026-12-02: +1.7-2.6% over kLate without a mask at 512-16k, causal -1.2% at 512 to
+    //   +1.3% at 16k).
     // - kEarly: both after the barrier. d = 192 / 256 with Q in registers (one block per SM): the
     //   late refill was 2-6% slower there, and a split one not measurably faster.
     // Measured on H100 (bf16, full grid, session 3 of 2026-11-22, three runs each alternating
     // with HEAD): geometric mean +2.0% (d = 64 +1-7%, 80 -2..+7%, 96 +0-5%, 128 +0-6%).
     enum class Refill { kEarly, kLate, kSplit };
     static constexpr Refill kRefill =
-        kWideQInRegs ? Refill::kEarly : kParkRowSums ? Refill::kSplit : Refill::kLate;
+        kWideQInRegs ? Refill::kEarly : (kParkRowSums || D == 96) ? Refill::kSplit : Refill::kLate;
 
     const FaParams& p;
     unsigned char* smem;  // the dynamic shared memory (generic pointer into the shared window)
@@ -413,6 +420,9 @@ struct FwdMainloop {
         if (tid == 0) store_state(st);
         const int num_blocks = st.plan.num_blocks();
         if (num_blocks > 0) QCopy::issue(smem_base() + Smem::kQOffset, q, p.q_row_stride, rows_valid, tid);
+        // (kQGroup) Q alone in a group ahead of the ring's, so load_q waits for Q only, not for
+        // the first K/V block too.
+        if constexpr (kQGroup) ptx::cp_async_commit_group();
         if constexpr (S == 1) {
             if (num_blocks > 0) load_k</*kFullBlock=*/false>(st, st.plan.block_at(0), 0);
             ptx::cp_async_commit_group();
@@ -429,7 +439,7 @@ struct FwdMainloop {
     // first step's wait and barrier then find group 0 complete. Does nothing otherwise.
     __device__ __forceinline__ void load_q(QFrags& q) const {
         if constexpr (kQInRegs) {
-            ptx::cp_async_wait_group<(S >= 2 ? S - 2 : 0)>();
+            ptx::cp_async_wait_group<(kQGroup ? S - 1 : S >= 2 ? S - 2 : 0)>();
             // Every thread's share of Q has landed.
             __syncthreads();
             const int tid = ptx::thread_idx_x();

@@ -265,15 +265,15 @@ fn fwd_cell_tests<T: HostElem>(cell: Cell, has_ptx: bool, tests: &mut Vec<Test<G
             Ok(())
         }));
     }
-    // Every sm90 tile variant, forced: the default one depends on the sequence length and mask
-    // (`sm90_fwd_variant`), so the shapes above do not reach them all.
-    if fam == Family::Sm90 {
+    // Every tile variant, forced: the default one depends on the sequence length and mask
+    // (`sm90_fwd_variant`, `sm80_fwd_variant`), so the shapes above do not reach them all.
+    if fam == Family::Sm90 || fam == Family::Sm80 {
         let variants = flashattn_aot::DISPATCH_TABLE
             .get(&cell)
             .map_or(0, |(_, image)| image.kernels.len());
         for variant in 0..variants {
             let which = Which::Flash(KernelOverride {
-                family: Some(Family::Sm90),
+                family: Some(fam),
                 variant: Some(variant),
                 ..Default::default()
             });
