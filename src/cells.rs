@@ -563,8 +563,18 @@ pub const fn sm80_bwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 ///   so the MUFU alone is not what bounds d = 64 here.
 /// - d = 80: 128 x 176, 3 stages. The head dim is 5 panels of 16 with a 32-byte swizzle (the
 ///   only swizzle that tiles 160-byte rows; one TMA box and one P.V wgmma of N = 80).
+///   192 x 96 x 4 stages (3 consumer WGs, 154816 bytes) measured 0.94-1.03x of it (H200,
+///   2026-12-02, every length, causal and not): not kept. 192 x 128 and 192 x 112 spill.
 /// - d = 96: 128 x 176, 3 stages (228512 bytes). 64-byte swizzle, 3 panels of 32. FA3 uses
 ///   192 x 144 with P through smem; with P in registers 3 WGs x 160 registers do not fit it.
+///   Second: 192 x 96, 4 stages, 3 consumer WGs (185536 bytes; S + P + O = 120 registers, no
+///   spills; 192 x 112 spills). At d <= 96 the exponentials of a block take about as long as
+///   its Q.K^T (the MUFU does 16 per clock, the tensor cores 64 x 96 x 16 per wgmma step), so a
+///   third warpgroup gives each one two other turns to hide its softmax behind. Measured (H200,
+///   2026-12-02, same-process A/B, two runs each, `--variant 1` vs 0): without a mask +9% / +6%
+///   / +1% / +3% at 2k / 4k / 8k / 16k, -1.5% / -1% at 512 / 1k (the 192-row tiles waste a third
+///   of the last m-block there); causal -3% to +2.5% (mixed). It runs non-causal calls from 2k
+///   keys (`sm90_fwd_variant`).
 /// - d = 128: 128 x 176, 2 stages (FA3's non-causal tile). S + P + O = 196 registers. 128 x 192
 ///   fits smem but not the registers. FA3's causal tile, 128 x 128 x 2 stages, measured 1-15%
 ///   slower than 128 x 176 under a causal mask (2k-16k, MHA and GQA, both with the dynamic
@@ -574,14 +584,19 @@ pub const fn sm80_bwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 /// - d = 192: 128 x 112, 2 stages (222336 bytes); 3 stages do not fit.
 /// - d = 256: 128 x 80, 2 stages (230528 bytes): O alone is 128 registers. 128 x 64 measured
 ///   within noise without a mask and 7% slower causal at 8k-16k (3% faster at 2k), and -3% to
-///   +1.5% at 512-2k (causal and not).
+///   +1.5% at 512-2k (causal and not). 128 x 64 x 3 stages and 128 x 96 do not fit (256 KB).
+///   Causal at 16k runs at ~0.9x the non-causal rate; ncu (H200, 2026-12-02): L2 hit rate 89%,
+///   DRAM 6.6% busy, SM throughput 83%, so not memory: visiting the KV blocks in ascending order
+///   (tiles starting together then walk the same keys) changed nothing (1.00x over the grid,
+///   L2 hit rate 87%), and 16 MB L2 sections instead of 32 were 0.996x (d 256 causal 2k-8k -4
+///   to -8%). Neither kept.
 /// - d = 64: the second tile, 128 x 128 with 2 consumer WGs, runs causal calls up to 1k keys.
 /// - Index 0 of every list is the general tile; `sm90_fwd_variant` says when another one runs.
 pub const fn sm90_fwd_tiles(head_dim: u32) -> &'static [Tile] {
     match head_dim {
         64 => &[tile!(192, 128, 16, 3), tile!(128, 128, 12, 3)],
         80 => &[tile!(128, 176, 12, 3)],
-        96 => &[tile!(128, 176, 12, 3)],
+        96 => &[tile!(128, 176, 12, 3), tile!(192, 96, 16, 4)],
         128 => &[tile!(128, 176, 12, 2), tile!(128, 128, 12, 2)],
         192 => &[tile!(128, 112, 12, 2)],
         256 => &[tile!(128, 80, 12, 2)],
@@ -593,7 +608,8 @@ pub const fn sm90_fwd_tiles(head_dim: u32) -> &'static [Tile] {
 /// variant is forced, given its key count (the longest sequence for varlen) and whether it has
 /// a causal mask. Index 0 is the general tile; index 1, where it exists, is a narrower tile for
 /// short causal calls, where a wide KV block on the diagonal is mostly masked (d = 128 at 512
-/// keys: 9 blocks of 128 x 176, 65% of them visible, against 10 of 128 x 128, 80% visible).
+/// keys: 9 blocks of 128 x 176, 65% of them visible, against 10 of 128 x 128, 80% visible), or
+/// at d = 96 the 3-warpgroup tile for long calls without a mask.
 ///
 /// Measured on H100 (2026-11-22, bf16, paper grid, runs of the whole grid in one session):
 /// - d = 128, 128 x 128 vs 128 x 176, causal: +19% / +14% / +5% at 512 / 1k / 2k (MHA),
@@ -601,10 +617,18 @@ pub const fn sm90_fwd_tiles(head_dim: u32) -> &'static [Tile] {
 ///   for MHA, 10% slower at 2k for GQA.
 /// - d = 64, 128 x 128 (2 consumer WGs) vs 192 x 128, causal: +9% / +12% at 512 / 1k, -8% at 2k;
 ///   without a mask 3-10% slower at every length (the 3-WG tile keeps the MUFU busier).
+///
+/// Re-measured on H200 (2026-12-02, same-process A/B, `--variant`; with KV blocks visited in
+/// ascending order, since reverted): d = 128 causal, 128 x 128 vs 128 x 176: +16% / +14% / +8%
+/// / +5% at 512 / 1k / 2k / 4k (MHA; GQA +14% / +10% / +3% / +0.5%), -0.5% / -3% at 8k / 16k,
+/// so 4k may also want the narrow tile; d = 64 causal, 128 x 128: +7% / +11% at 512 / 1k, -3%
+/// to -11% from 2k (the rule below holds).
+/// - d = 96, 192 x 96 (3 consumer WGs) without a mask from 2k keys: see `sm90_fwd_tiles`.
 pub const fn sm90_fwd_variant(head_dim: u32, seqlen_k: usize, causal: bool) -> usize {
     match head_dim {
         128 if causal && seqlen_k <= 2048 => 1,
         64 if causal && seqlen_k <= 1024 => 1,
+        96 if !causal && seqlen_k >= 2048 => 1,
         _ => 0,
     }
 }

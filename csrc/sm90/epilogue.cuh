@@ -1,13 +1,28 @@
 // Epilogue of the sm90 forward kernel: O (and LSE) of one consumer warpgroup's 64 rows.
 //
-// O goes from the accumulator registers straight to global memory: each thread stores its two
-// rows as 4-byte pairs (a quad of lanes covers 16 contiguous bytes of a row per store), rows past
+// O goes from the accumulator registers straight to global memory: each quad of lanes transposes
+// its pieces of a row so that every lane stores whole 16-byte chunks (see store), rows past
 // the end of the sequence are skipped, so dense and varlen tensors take the same path. Nothing
 // goes through shared memory, so the epilogue does not hold the Q slab: each consumer warp
 // releases Q as soon as its last Q.K^T has completed (mainloop.cuh), the producer loads the next
 // tile's Q during the last P.V and this epilogue, and the next tile starts without a bubble. (A
 // staged TMA store would need its own 64 x D buffer per warpgroup, which the d >= 96 tiles do not
-// have room for; the stores here cost D / 4 instructions per thread per tile.)
+// have room for; the stores here cost D / 16 16-byte stores and D / 8 shuffles per thread per
+// tile.)
+//
+// Measured (H200, 2026-12-02, same-process A/B over d 64 / 80 / 128 / 256 + GQA, 3 runs each):
+// 16-byte stores against the former 4-byte pair stores (D / 4 per thread, each warp store
+// writing 8 half sectors) +3.4% geomean; +8% / +5% at d 128 512 / 1k, +13% / +9% causal, +16% /
+// +12% at d 256 512 / 1k, +19% / +14% / +9% / +5% d 256 causal 512-4k; from 8k within +-2%
+// (d 80, which keeps 4-byte stores for 2 of its 10 chunks, -1% to -2%).
+// The short sequences, where the epilogue runs most often, gain most; presumably the burst of
+// stores held up the memory pipe at each tile boundary, where the mbarrier waits and shared
+// loads that start the next tile queue behind it (not profiled).
+// Tried, not kept: issuing the next tile's first Q.K^T before this epilogue (so that it runs on
+// the tensor cores while the epilogue does). Reading O after wgmma.wait_group 1 with that Q.K^T
+// still in flight makes ptxas serialise every wgmma of the kernel (C7514, "non wgmma
+// instructions reading accumulator registers"), however the paths are arranged; with the
+// ping-pong schedule the other warpgroup's last P.V hides most of the epilogue anyway.
 //
 // Tiles that see no key at all (empty KV range) take store_zero: O = 0 and LSE = -inf (or the
 // sink logit).
@@ -47,21 +62,64 @@ struct Epilogue {
     }
 
     // o: normalised O of this thread (wgmma accumulator layout); lse: of rows row0, row0 + 8.
+    //
+    // In the accumulator layout the 4 lanes of a quad share a row, and lane t holds the 4-byte
+    // piece t (columns 2t, 2t + 1) of every 16-byte chunk (8 columns) of it. For each run of 4
+    // chunks the quad transposes its 4 x 4 pieces with two shuffle steps (xor 2, then xor 1), so
+    // that lane t holds all of chunk 4j + t and writes it with one 16-byte store: a quarter of
+    // the store instructions, each writing whole 32-byte sectors (2 per row) instead of half
+    // sectors. Chunks past the last whole run of 4 (d = 80: 2 of 10) keep the 4-byte stores.
     __device__ static void store(const FaParams& p, const Work& w, int wg, int thread_in_wg, const float (&o)[D / 2],
                                  const float (&lse)[2]) {
         // Per-tile recomputation from an opaque thread index (not hoisted out of the tile loop).
         AccCoord const ac(opaque(thread_in_wg));
+        int const t = ac.col0 / 2;                      // lane in the quad
         int const row_first = w.row_first() + 64 * wg;  // first query row of this warpgroup
         T* const o_ptr = static_cast<T*>(p.o);          // [b, sq, h, d] (strided) or [total_q, h, d]
+        constexpr int kChunks = D / 8;
+        constexpr int kRuns = kChunks / 4;  // runs of 4 chunks stored 16 bytes per lane
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             int const r = row_first + ac.row0 + 8 * h;  // row of this thread, within the sequence
-            if (r >= w.seq.sq) continue;
-            // 4-byte aligned: the base and every stride are 16-byte aligned (src/fwd.rs), col0 is even.
-            T* const row = o_ptr + o_offset(p, w, r) + ac.col0;
+            bool const valid = r < w.seq.sq;           // the same for the 4 lanes of a quad
+            // 16-byte aligned: the base and every stride are 16-byte aligned (src/fwd.rs).
+            T* const row = o_ptr + o_offset(p, w, valid ? r : 0);
 #pragma unroll
-            for (int c = 0; c < D / 8; ++c) {
-                *reinterpret_cast<uint32_t*>(row + 8 * c) = pack_pair<T>(o[4 * c + 2 * h], o[4 * c + 2 * h + 1]);
+            for (int j = 0; j < kRuns; ++j) {
+                uint32_t x[4];
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    x[u] = pack_pair<T>(o[4 * (4 * j + u) + 2 * h], o[4 * (4 * j + u) + 2 * h + 1]);
+                }
+                // Step 1 (xor 2): pieces of chunks whose bit 1 differs from the lane's swap with
+                // the partner lane. Step 2 (xor 1): the same for bit 0. Then x[i] = piece i of
+                // chunk 4j + t. Every lane shuffles (whole-warp masks), invalid rows included.
+                bool const b1 = (t & 2) != 0;
+                uint32_t s0 = __shfl_xor_sync(0xffffffffu, b1 ? x[0] : x[2], 2);
+                uint32_t s1 = __shfl_xor_sync(0xffffffffu, b1 ? x[1] : x[3], 2);
+                if (b1) {
+                    x[0] = s0;
+                    x[1] = s1;
+                } else {
+                    x[2] = s0;
+                    x[3] = s1;
+                }
+                bool const b0 = (t & 1) != 0;
+                s0 = __shfl_xor_sync(0xffffffffu, b0 ? x[0] : x[1], 1);
+                s1 = __shfl_xor_sync(0xffffffffu, b0 ? x[2] : x[3], 1);
+                if (b0) {
+                    x[0] = s0;
+                    x[2] = s1;
+                } else {
+                    x[1] = s0;
+                    x[3] = s1;
+                }
+                if (valid) *reinterpret_cast<uint4*>(row + 8 * (4 * j + t)) = make_uint4(x[0], x[1], x[2], x[3]);
+            }
+            if (!valid) continue;
+#pragma unroll
+            for (int c = 4 * kRuns; c < kChunks; ++c) {
+                *reinterpret_cast<uint32_t*>(row + 8 * c + ac.col0) = pack_pair<T>(o[4 * c + 2 * h], o[4 * c + 2 * h + 1]);
             }
             // LSE from one lane of each quad.
             if (p.lse != nullptr && ac.col0 == 0) p.lse[lse_offset(p, w, r)] = lse[h];
