@@ -21,6 +21,7 @@ fn family_expr(f: Family) -> &'static str {
         Family::Reference => "Family::Reference",
         Family::Sm80 => "Family::Sm80",
         Family::Sm90 => "Family::Sm90",
+        Family::Merge => "Family::Merge",
     }
 }
 

@@ -66,7 +66,7 @@ impl Knobs {
         let directions = list("FLASHATTN_AOT_DIRECTIONS", &[Direction::Fwd, Direction::Bwd], |s| {
             [Direction::Fwd, Direction::Bwd].into_iter().find(|d| d.tag() == s)
         });
-        let all_families = [Family::Reference, Family::Sm80, Family::Sm90];
+        let all_families = [Family::Reference, Family::Sm80, Family::Sm90, Family::Merge];
         let families = list("FLASHATTN_AOT_FAMILIES", &all_families, |s| {
             all_families.into_iter().find(|f| f.tag() == s)
         });
@@ -122,7 +122,7 @@ impl Knobs {
         self.families.contains(&cell.family)
             && self.dtypes.contains(&cell.dtype)
             && self.directions.contains(&cell.direction)
-            && (cell.family == Family::Reference || self.head_dims.contains(&cell.head_dim))
+            && (matches!(cell.family, Family::Reference | Family::Merge) || self.head_dims.contains(&cell.head_dim))
             && !self.targets_of(cell).is_empty()
     }
 }

@@ -159,7 +159,7 @@ fn translation_unit(cell: &Cell) -> String {
     tu.push_str(&format!("#include \"{}\"\n", cell.source()));
     for tile in cell.tiles() {
         let symbol = cell.symbol(&tile);
-        if cell.family == Family::Reference {
+        if matches!(cell.family, Family::Reference | Family::Merge) {
             tu.push_str(&format!(
                 "{}({}, {})\n",
                 cell.instantiate_macro(),

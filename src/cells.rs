@@ -82,6 +82,9 @@ pub enum Family {
     Sm80,
     /// FlashAttention-3 class: TMA, wgmma, warp specialisation. sm_90a SASS.
     Sm90,
+    /// The attention-state merge ([`crate::merge_states`]): one small generic kernel per dtype,
+    /// sm_80 and sm_90 SASS (+ compute_80 PTX).
+    Merge,
 }
 
 impl Family {
@@ -91,6 +94,7 @@ impl Family {
             Family::Reference => "ref",
             Family::Sm80 => "sm80",
             Family::Sm90 => "sm90",
+            Family::Merge => "merge",
         }
     }
 }
@@ -130,7 +134,7 @@ pub struct Cell {
 impl Cell {
     /// The cell's key in the dispatch map, e.g. `sm80.fwd.bf16.hd128` or `ref.fwd.f16`.
     pub fn key(&self) -> String {
-        if self.family == Family::Reference {
+        if matches!(self.family, Family::Reference | Family::Merge) {
             format!("{}.{}.{}", self.family.tag(), self.direction.tag(), self.dtype.tag())
         } else {
             format!(
@@ -152,6 +156,7 @@ impl Cell {
             (Family::Sm80, Direction::Bwd) => "sm80/bwd.cuh",
             (Family::Sm90, Direction::Fwd) => "sm90/fwd.cuh",
             (Family::Sm90, Direction::Bwd) => "sm90/bwd.cuh",
+            (Family::Merge, _) => "merge/merge.cuh",
         }
     }
 
@@ -164,6 +169,7 @@ impl Cell {
             (Family::Sm80, Direction::Bwd) => "FA_SM80_BWD_KERNEL",
             (Family::Sm90, Direction::Fwd) => "FA_SM90_FWD_KERNEL",
             (Family::Sm90, Direction::Bwd) => "FA_SM90_BWD_KERNEL",
+            (Family::Merge, _) => "FA_MERGE_KERNEL",
         }
     }
 
@@ -171,7 +177,7 @@ impl Cell {
     /// first one whose shared memory fits the device (see [`Tile::smem_bytes`]).
     pub fn tiles(&self) -> Vec<Tile> {
         match (self.family, self.direction) {
-            (Family::Reference, _) => vec![Tile::REFERENCE],
+            (Family::Reference | Family::Merge, _) => vec![Tile::REFERENCE],
             (Family::Sm80, Direction::Fwd) => sm80_fwd_tiles(self.head_dim).to_vec(),
             (Family::Sm80, Direction::Bwd) => sm80_bwd_tiles(self.head_dim).to_vec(),
             (Family::Sm90, Direction::Fwd) => sm90_fwd_tiles(self.head_dim).to_vec(),
@@ -184,6 +190,9 @@ impl Cell {
         if self.family == Family::Reference {
             // The reference module holds several entry points; `tile` names none of them.
             return format!("fa_ref_{}_{}", self.direction.tag(), self.dtype.tag());
+        }
+        if self.family == Family::Merge {
+            return format!("fa_merge_{}", self.dtype.tag());
         }
         format!(
             "fa_{}_{}_{}_hd{}_m{}n{}w{}s{}",
@@ -213,14 +222,14 @@ impl Cell {
     /// image is also built for devices newer than the SASS (driver JIT, `ptx-jit` feature).
     pub const fn targets(&self) -> &'static [Target] {
         match self.family {
-            Family::Reference | Family::Sm80 => &[Target::Sm80, Target::Sm90],
+            Family::Reference | Family::Sm80 | Family::Merge => &[Target::Sm80, Target::Sm90],
             Family::Sm90 => &[Target::Sm90a],
         }
     }
 
     /// Whether this cell family can be JIT-compiled from embedded compute_80 PTX.
     pub const fn has_ptx(&self) -> bool {
-        matches!(self.family, Family::Reference | Family::Sm80)
+        matches!(self.family, Family::Reference | Family::Sm80 | Family::Merge)
     }
 }
 
@@ -580,7 +589,7 @@ pub const fn sm80_bwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 ///   slower than 128 x 176 under a causal mask (2k-16k, MHA and GQA, both with the dynamic
 ///   scheduler), and 128 x 128 x 3 stages 0-5% slower without a mask; at d = 80 / 96 causal,
 ///   128 x 128 x 3 stages was 5-10% slower. So 128 x 176 serves every mask, except causal calls
-///   up to 2k keys, which run 128 x 128 x 2 stages (second; `sm90_fwd_variant`).
+///   up to 4k keys, which run 128 x 128 x 2 stages (second; `sm90_fwd_variant`).
 /// - d = 192: 128 x 112, 2 stages (222336 bytes); 3 stages do not fit.
 /// - d = 256: 128 x 80, 2 stages (230528 bytes): O alone is 128 registers. 128 x 64 measured
 ///   within noise without a mask and 7% slower causal at 8k-16k (3% faster at 2k), and -3% to
@@ -621,12 +630,12 @@ pub const fn sm90_fwd_tiles(head_dim: u32) -> &'static [Tile] {
 /// Re-measured on H200 (2026-12-02, same-process A/B, `--variant`; with KV blocks visited in
 /// ascending order, since reverted): d = 128 causal, 128 x 128 vs 128 x 176: +16% / +14% / +8%
 /// / +5% at 512 / 1k / 2k / 4k (MHA; GQA +14% / +10% / +3% / +0.5%), -0.5% / -3% at 8k / 16k,
-/// so 4k may also want the narrow tile; d = 64 causal, 128 x 128: +7% / +11% at 512 / 1k, -3%
+/// so the narrow tile now serves causal calls up to 4k keys; d = 64 causal, 128 x 128: +7% / +11% at 512 / 1k, -3%
 /// to -11% from 2k (the rule below holds).
 /// - d = 96, 192 x 96 (3 consumer WGs) without a mask from 2k keys: see `sm90_fwd_tiles`.
 pub const fn sm90_fwd_variant(head_dim: u32, seqlen_k: usize, causal: bool) -> usize {
     match head_dim {
-        128 if causal && seqlen_k <= 2048 => 1,
+        128 if causal && seqlen_k <= 4096 => 1,
         64 if causal && seqlen_k <= 1024 => 1,
         96 if !causal && seqlen_k >= 2048 => 1,
         _ => 0,
@@ -679,6 +688,15 @@ pub fn whitelist() -> Vec<Cell> {
                 });
             }
         }
+    }
+    // The state merge (16-bit; a forward-pass operation).
+    for dtype in [DType::F16, DType::Bf16] {
+        cells.push(Cell {
+            family: Family::Merge,
+            direction: Direction::Fwd,
+            dtype,
+            head_dim: 0,
+        });
     }
     // The sm80-family backward (16-bit only).
     for dtype in [DType::F16, DType::Bf16] {

@@ -51,8 +51,8 @@ impl SmArch {
     /// The SASS target a cell of `family` needs on this arch (None: only PTX can serve it).
     pub const fn sass_target(self, family: Family) -> Option<Target> {
         match (self, family) {
-            (SmArch::Sm80 | SmArch::Sm89, Family::Sm80 | Family::Reference) => Some(Target::Sm80),
-            (SmArch::Sm90a, Family::Sm80 | Family::Reference) => Some(Target::Sm90),
+            (SmArch::Sm80 | SmArch::Sm89, Family::Sm80 | Family::Reference | Family::Merge) => Some(Target::Sm80),
+            (SmArch::Sm90a, Family::Sm80 | Family::Reference | Family::Merge) => Some(Target::Sm90),
             (SmArch::Sm90a, Family::Sm90) => Some(Target::Sm90a),
             _ => None,
         }
@@ -317,7 +317,7 @@ impl KernelRef {
 /// Which families support a request's features at all (independent of what was compiled).
 fn family_supports(family: Family, key: &DispatchKey, direction: Direction) -> bool {
     match family {
-        Family::Reference => false,
+        Family::Reference | Family::Merge => false,
         // The sm80 family: 16-bit forward and backward; no paged-KV kernels yet, no fp8 path.
         Family::Sm80 => !key.paged && !key.dtype.is_fp8(),
         // The sm90 family: 16-bit forward, no paged KV yet.
@@ -454,7 +454,7 @@ pub(crate) fn not_compiled(cell: &Cell, arch: SmArch) -> Error {
         None => "the `ptx-jit` feature".to_string(),
     };
     let mut needs = vec![format!("FLASHATTN_AOT_FAMILIES including `{}`", cell.family.tag())];
-    if cell.family != Family::Reference {
+    if !matches!(cell.family, Family::Reference | Family::Merge) {
         needs.push(format!("FLASHATTN_AOT_HEAD_DIMS including `{}`", cell.head_dim));
     }
     needs.push(format!("FLASHATTN_AOT_DTYPES including `{}`", cell.dtype.tag()));

@@ -270,6 +270,17 @@ pub(crate) struct Span {
     end: u64,
 }
 
+impl Span {
+    /// `bytes` bytes from `start`.
+    pub(crate) fn new(name: &'static str, start: u64, bytes: u64) -> Span {
+        Span {
+            name,
+            start,
+            end: start + bytes,
+        }
+    }
+}
+
 pub(crate) fn check_disjoint(outputs: &[Span], all: &[Span]) -> Result<()> {
     for o in outputs {
         for a in all {
@@ -325,7 +336,7 @@ fn preferred_tile(kref: &KernelRef, limit: u32, dims: &Dims, causal: bool) -> Re
         Family::Sm80 => {
             crate::cells::sm80_fwd_tiles(head_dim).get(crate::cells::sm80_fwd_variant(head_dim, dims.seqlen_k, causal))
         }
-        Family::Reference => None,
+        Family::Reference | Family::Merge => None,
     };
     match kref
         .image
@@ -720,6 +731,12 @@ pub(crate) fn run_fwd<T: AttnElement>(
     };
     let m_blocks = dims.seqlen_q.div_ceil(entry.tile.block_m as usize);
     let geom = match kref.cell().family {
+        // Never returned by a lookup (no family but the sm80 and sm90 ones serves a forward key).
+        Family::Merge => {
+            return Err(Error::NoKernel {
+                what: format!("{key:?} on the merge family"),
+            });
+        }
         Family::Reference => Geometry {
             grid: (dims.seqlen_q as u32, dims.heads as u32, dims.batch as u32),
             block: 128,

@@ -43,6 +43,12 @@
 //! sink tokens), learnable sink logits, ALiBi, softcap, GQA/MQA, varlen and the LSE contract are
 //! specified in `docs/semantics.md`, which every kernel and both references implement.
 //!
+//! ## Merging partial results
+//!
+//! [`merge_states`] combines partial results `(O_i, LSE_i)` over disjoint key sets (split-KV,
+//! chunked prefill, ring attention) into the result over all keys, with the forward's
+//! conventions for empty rows.
+//!
 //! ## Kernels
 //!
 //! | device | kernels |
@@ -67,6 +73,7 @@ mod dispatch;
 mod error;
 mod fwd;
 mod kernels;
+mod merge;
 mod options;
 mod params;
 pub mod reference;
@@ -83,6 +90,7 @@ pub use dispatch::{
 pub use error::{Error, Result};
 pub use fwd::{FwdInfo, FwdTensors, flash_fwd, flash_fwd_varlen};
 pub use kernels::{BUILD_KNOBS, CellImage, KERNELS_BUILT, KernelEntry, MANIFEST_TSV};
+pub use merge::{AttnState, MAX_MERGE_PARTS, merge_states};
 pub use options::{Alibi, CausalAlign, FwdOptions, KernelOverride, Mask};
 pub use runtime::{DeviceInfo, device_count, device_info, driver_present, open_device};
 pub use tensor::{AttnElement, Bf16, F16, GemmSupported, Layout, Tensor, TensorMut};

@@ -196,7 +196,7 @@ fn lookup_hits_every_compiled_fast_cell() {
     let mut fast = 0;
     for img in compiled_cells() {
         let cell = img.cell;
-        if cell.family == Family::Reference || cell.direction != Direction::Fwd {
+        if matches!(cell.family, Family::Reference | Family::Merge) || cell.direction != Direction::Fwd {
             continue;
         }
         fast += 1;
@@ -321,7 +321,7 @@ fn manifest_lists_every_compiled_kernel() {
 fn whitelist_is_consistent() {
     let cells = whitelist();
     for c in &cells {
-        if c.family == Family::Reference {
+        if matches!(c.family, Family::Reference | Family::Merge) {
             continue;
         }
         assert!(HEAD_DIMS.contains(&c.head_dim));
@@ -356,4 +356,24 @@ fn no_driver_is_a_typed_error() {
         // No backward ran, so there is no pool to trim.
         assert!(flashattn_aot::release_workspace_memory().is_ok());
     }
+}
+
+#[test]
+fn merge_cells_are_whitelisted() {
+    // One generic state-merge kernel per 16-bit dtype, with sm_80 / sm_90 SASS and PTX.
+    for dtype in [DType::F16, DType::Bf16] {
+        let c = whitelist()
+            .into_iter()
+            .find(|c| c.family == Family::Merge && c.dtype == dtype)
+            .expect("a merge cell per 16-bit dtype");
+        assert_eq!(c.key(), format!("merge.fwd.{}", dtype.tag()));
+        assert_eq!(c.tiles().len(), 1);
+        assert_eq!(c.symbol(&c.tiles()[0]), format!("fa_merge_{}", dtype.tag()));
+        assert!(c.has_ptx());
+    }
+    assert!(
+        !whitelist()
+            .iter()
+            .any(|c| c.family == Family::Merge && c.dtype.is_fp8())
+    );
 }

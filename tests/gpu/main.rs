@@ -6,10 +6,12 @@
 //!   ragged shapes, every semantic option) and the GPU reference (large shapes), with the 99 KB
 //!   tiles and the compute_80 PTX image forced on this device too.
 //! - `errors::*`: bad input returns its typed error and writes nothing.
+//! - `merge::*`: `merge_states` against an f64 host merge and as split-KV attention.
 
 mod bwd;
 mod errors;
 mod harness;
+mod merge;
 mod support;
 
 use flashattn_aot::{CausalAlign, Cell, DType, Direction, Family, KernelOverride, Mask, compiled_cells};
@@ -357,7 +359,7 @@ fn main() {
     reference_tests::<half::f16>("f16", &mut tests);
     for img in compiled_cells() {
         let cell = img.cell;
-        if cell.family == Family::Reference || cell.direction != Direction::Fwd {
+        if matches!(cell.family, Family::Reference | Family::Merge) || cell.direction != Direction::Fwd {
             continue;
         }
         match cell.dtype {
@@ -368,5 +370,6 @@ fn main() {
     }
     errors::tests(&mut tests);
     bwd::tests(&mut tests);
+    merge::tests(&mut tests);
     harness::run(tests, support::setup);
 }

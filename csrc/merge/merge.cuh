@@ -1,0 +1,127 @@
+// Merging attention states: n partial results (O_i, LSE_i) of the same queries over disjoint key
+// sets (split-KV decode, chunked prefill, ring / context-parallel attention) combine into the
+// result over the union of the key sets:
+//
+//     m = max_i LSE_i,   w_i = exp(LSE_i - m),   Z = sum_i w_i
+//     O = sum_i w_i O_i / Z,   LSE = m + ln Z
+//
+// A part with LSE_i = -inf (no visible key) has w_i = 0 and its O_i is not read. A row whose parts
+// are all -inf writes O = 0 and LSE = -inf, as the forward does for a fully masked row.
+//
+// FA_MERGE_KERNEL(NAME, T) defines one kernel, for T = __half or __nv_bfloat16:
+//
+//   extern "C" __global__ void NAME(const MergeParams p)
+//
+// Launch contract
+//   grid  (ceil(batch * seqlen * heads / kMergeRowsPerBlock), 1, 1)
+//   block (32 * kMergeRowsPerBlock, 1, 1); no shared memory.
+//   Warp w of block x merges row r = x * kMergeRowsPerBlock + w, with r = ((b * seqlen) + s) *
+//   heads + h: consecutive warps take consecutive heads of one query, which are adjacent in the
+//   usual (b, s, h, d) storage. Lane l handles the 8-element chunks l, l + 32, ... of the head
+//   dim with 16-byte loads and stores (the host checks 16-byte alignment, head_dim % 8 == 0).
+//   LSE_i, LSE (fp32, natural log) are (batch, heads, seqlen) contiguous: element
+//   (b * heads + h) * seqlen + s. A varlen tensor is batch 1, seqlen = total tokens, so its
+//   (heads, total) LSE is the same formula.
+//   Accumulation is fp32 in a fixed order (part 0 first): results are bitwise reproducible.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "merge/params.h"
+
+namespace fa::merge {
+
+inline constexpr int kMergeRowsPerBlock = 8;
+
+__device__ __forceinline__ float2 to_float2(uint32_t packed, __half) {
+    return __half22float2(*reinterpret_cast<const __half2*>(&packed));
+}
+__device__ __forceinline__ float2 to_float2(uint32_t packed, __nv_bfloat16) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&packed));
+}
+__device__ __forceinline__ uint32_t from_float2(float a, float b, __half) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&h);
+}
+__device__ __forceinline__ uint32_t from_float2(float a, float b, __nv_bfloat16) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+template <typename T>
+__device__ void merge_row(const MergeParams& p) {
+    int const warp = static_cast<int>(threadIdx.x) / 32;
+    int const lane = static_cast<int>(threadIdx.x) % 32;
+    int64_t const row = static_cast<int64_t>(blockIdx.x) * kMergeRowsPerBlock + warp;
+    if (row >= p.batch * p.seqlen * p.heads) return;
+    int64_t const h = row % p.heads;
+    int64_t const bs = row / p.heads;
+    int64_t const s = bs % p.seqlen;
+    int64_t const b = bs / p.seqlen;
+    int64_t const lse_index = (b * p.heads + h) * p.seqlen + s;
+    int const n = static_cast<int>(p.n_parts);
+
+    // Every lane reads the n LSEs (one 4-byte load each, broadcast within the warp).
+    float lse[kMaxMergeParts];
+    float m = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kMaxMergeParts; ++i) {
+        lse[i] = i < n ? p.part_lse[i][lse_index] : -INFINITY;
+        m = fmaxf(m, lse[i]);
+    }
+    int64_t const chunks = p.head_dim / 8;
+    int64_t const out_base = b * p.out_stride[0] + s * p.out_stride[1] + h * p.out_stride[2];
+    if (m == -INFINITY) {
+        for (int64_t c = lane; c < chunks; c += 32) {
+            *reinterpret_cast<uint4*>(reinterpret_cast<T*>(p.out) + out_base + 8 * c) = make_uint4(0, 0, 0, 0);
+        }
+        if (lane == 0 && p.out_lse != nullptr) p.out_lse[lse_index] = -INFINITY;
+        return;
+    }
+    // A NaN LSE propagates: exp(NaN) is NaN, so Z and every output of the row are NaN.
+    float w[kMaxMergeParts];
+    float z = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kMaxMergeParts; ++i) {
+        w[i] = expf(lse[i] - m);  // 0 for a -inf part (and for the unused slots)
+        z += w[i];
+    }
+    float const inv_z = 1.0f / z;
+
+    for (int64_t c = lane; c < chunks; c += 32) {
+        float acc[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < kMaxMergeParts; ++i) {
+            if (i >= n || w[i] == 0.0f) continue;  // an empty part's O is not read
+            int64_t const off = b * p.part_stride[i][0] + s * p.part_stride[i][1] + h * p.part_stride[i][2] + 8 * c;
+            uint4 const x = *reinterpret_cast<const uint4*>(reinterpret_cast<const T*>(p.part_o[i]) + off);
+            uint32_t const words[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                float2 const f = to_float2(words[j], T{});
+                acc[2 * j] = fmaf(w[i], f.x, acc[2 * j]);
+                acc[2 * j + 1] = fmaf(w[i], f.y, acc[2 * j + 1]);
+            }
+        }
+        uint4 y;
+        y.x = from_float2(acc[0] * inv_z, acc[1] * inv_z, T{});
+        y.y = from_float2(acc[2] * inv_z, acc[3] * inv_z, T{});
+        y.z = from_float2(acc[4] * inv_z, acc[5] * inv_z, T{});
+        y.w = from_float2(acc[6] * inv_z, acc[7] * inv_z, T{});
+        *reinterpret_cast<uint4*>(reinterpret_cast<T*>(p.out) + out_base + 8 * c) = y;
+    }
+    if (lane == 0 && p.out_lse != nullptr) p.out_lse[lse_index] = m + logf(z);
+}
+
+}  // namespace fa::merge
+
+#define FA_MERGE_KERNEL(NAME, T)                                                            \
+    extern "C" __global__ void __launch_bounds__(32 * fa::merge::kMergeRowsPerBlock) NAME( \
+        const MergeParams p) {                                                              \
+        fa::merge::merge_row<T>(p);                                                         \
+    }
