@@ -13,11 +13,14 @@
 //! `--bwd` times the backward (`flash_bwd`: its three kernels, workspace allocation included) on
 //! the outputs of one forward, and counts 2.5x the forward's FLOPs (FlashAttention's convention:
 //! five GEMMs of the forward's two). `--deterministic` runs it in deterministic mode.
+//!
+//! `--merge` times `merge_states` instead (2-4 parts of (1, 16384, 32, 128) bf16) and prints the
+//! bytes it moves per second.
 
 use cudarc::driver::sys::CUevent_flags;
 use flashattn_aot::{
-    BwdOptions, BwdTensors, CausalAlign, Family, FwdOptions, FwdTensors, KernelOverride, Layout, Tensor, TensorMut,
-    flash_bwd, flash_fwd, open_device,
+    AttnState, BwdOptions, BwdTensors, CausalAlign, Family, FwdOptions, FwdTensors, KernelOverride, Layout, Tensor,
+    TensorMut, flash_bwd, flash_fwd, merge_states, open_device,
 };
 use half::bf16;
 use std::io::Write;
@@ -33,6 +36,7 @@ struct Args {
     causal: Option<bool>,
     bwd: bool,
     deterministic: bool,
+    merge: bool,
 }
 
 fn args() -> Args {
@@ -47,12 +51,14 @@ fn args() -> Args {
         causal: None,
         bwd: false,
         deterministic: false,
+        merge: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
         match x.as_str() {
             "--quick" => a.quick = true,
             "--bwd" => a.bwd = true,
+            "--merge" => a.merge = true,
             "--deterministic" => a.deterministic = true,
             "--family" => {
                 a.family = match it.next().as_deref() {
@@ -164,6 +170,33 @@ fn main() {
         times.sort_by(|x, y| x.partial_cmp(y).unwrap());
         times[times.len() / 2]
     };
+    if a.merge {
+        // merge_states over 2, 3 and 4 parts of (1, 16384, 32, 128) bf16 (128 MiB each): memory
+        // bound, so the figure is bytes moved (parts + LSEs read, O + LSE written) per second.
+        let l = Layout::contiguous(1, 16384, 32, 128);
+        let rows_n = 16384 * 32;
+        let lse_parts: Vec<_> = (0..4)
+            .map(|p| {
+                let vals: Vec<f32> = (0..rows_n).map(|i| ((i * 7 + p * 5) % 13) as f32 * 0.25).collect();
+                stream.clone_htod(&vals).unwrap()
+            })
+            .collect();
+        let mut merged = stream.alloc_zeros::<bf16>(max_elems).unwrap();
+        let mut merged_lse = stream.alloc_zeros::<f32>(rows_n).unwrap();
+        let sources = [&q, &k, &v, &out];
+        println!("{:>6} {:>9} {:>8}", "parts", "ms", "GB/s");
+        for n in [2usize, 3, 4] {
+            let parts: Vec<AttnState<'_, bf16>> = (0..n)
+                .map(|i| AttnState::new(Tensor::new(sources[i], l), &lse_parts[i]))
+                .collect();
+            let ms = time_ms(&mut || {
+                merge_states(&stream, &parts, TensorMut::new(&mut merged, l), Some(&mut merged_lse)).unwrap();
+            });
+            let bytes = ((n + 1) * max_elems * 2 + (n + 1) * rows_n * 4) as f64;
+            println!("{n:>6} {ms:>9.3} {:>8.0}", bytes / ms / 1e6);
+        }
+        return;
+    }
     let mut rows = Vec::new();
     println!(
         "{:>5} {:>6} {:>6} {:>5} {:>5} {:>4} {:>9} {:>8}  kernel{}",
