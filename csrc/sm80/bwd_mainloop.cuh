@@ -91,12 +91,30 @@ struct BwdMainloop {
         return st;
     }
 
+    // t / n and t % n for 0 <= t < 2^22, 0 < n, through an fp32 reciprocal (MUFU.RCP) and one
+    // correction (the quotient estimate is off by at most one): ~10 instructions instead of the
+    // ~25 of an integer division, in the address math of every step.
+    __device__ __forceinline__ static void divmod_small(int t, int n, int& q, int& r) {
+        q = static_cast<int>(static_cast<float>(t) * ptx::rcp_approx(static_cast<float>(n)));
+        r = t - q * n;
+        if (r < 0) {
+            q -= 1;
+            r += n;
+        } else if (r >= n) {
+            q += 1;
+            r -= n;
+        }
+    }
     // The (query head, query block) of walk step t.
     __device__ __forceinline__ static int head_of(const BwdWalkState& st, int t) {
-        return st.head0 + t / (st.plan.m_end - st.plan.m_begin);
+        int q, r;
+        divmod_small(t, st.plan.m_end - st.plan.m_begin, q, r);
+        return st.head0 + q;
     }
     __device__ __forceinline__ static int mblock_of(const BwdWalkState& st, int t) {
-        return st.plan.m_begin + t % (st.plan.m_end - st.plan.m_begin);
+        int q, r;
+        divmod_small(t, st.plan.m_end - st.plan.m_begin, q, r);
+        return st.plan.m_begin + r;
     }
 
     // ---- loads ----
@@ -108,12 +126,14 @@ struct BwdMainloop {
         KvCopy::issue(smem_base() + Smem::kVOffset, v, p.v_row_stride, rows_valid, tid);
     }
 
-    // Q, dO, log2 LSE and D of walk step t into stage `stage` (not committed).
-    __device__ __forceinline__ void load_step(const BwdWalkState& st, int t, int stage) const {
+    // Q, dO, log2 LSE and D of walk step t into stage `stage` (not committed). Branch-free: with
+    // active = false (t past the walk) every chunk is zero-filled and no global memory is read,
+    // so that the address math can be scheduled among the MMAs around the call.
+    __device__ __forceinline__ void load_step(const BwdWalkState& st, int t, int stage, bool active = true) const {
         const int tid = ptx::thread_idx_x();
         const int h = head_of(st, t);
         const int m = mblock_of(st, t);
-        const int rows_valid = min(BM, st.seqlen_q - m * BM);
+        const int rows_valid = active ? min(BM, st.seqlen_q - m * BM) : 0;
         const int64_t row0 = static_cast<int64_t>(st.q_row0) + m * BM;
         const int64_t b = (p.flags & FA_FLAG_VARLEN) != 0 ? 0 : st.batch;
         const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + row0 * p.q_row_stride + h * p.q_head_stride;
@@ -127,10 +147,10 @@ struct BwdMainloop {
         const uint32_t stat_stage = static_cast<uint32_t>(stage) * Smem::kStatStageBytes;
         if (tid < BM / 4) {
             ptx::cp_async_cg_16(smem_base() + Smem::kLseOffset + stat_stage + tid * 16, Ws::lse_log2(p) + ws + tid * 4,
-                                true);
+                                active);
         } else if (tid < BM / 2) {
             const int c = tid - BM / 4;
-            ptx::cp_async_cg_16(smem_base() + Smem::kDsumOffset + stat_stage + c * 16, Ws::dsum(p) + ws + c * 4, true);
+            ptx::cp_async_cg_16(smem_base() + Smem::kDsumOffset + stat_stage + c * 16, Ws::dsum(p) + ws + c * 4, active);
         }
     }
 
@@ -147,20 +167,17 @@ struct BwdMainloop {
         __syncthreads();
         const BwdWalkState st = load_state();
         const int stage = S == 2 ? (t & 1) : 0;
-        if constexpr (S == 2) {
-            if (t + 1 < st.num_steps) load_step(st, t + 1, (t + 1) & 1);
-            ptx::cp_async_commit_group();
-        }
         const int h = head_of(st, t);
         const int m = mblock_of(st, t);
-        scores_and_kv_grads<kMasked>(st, h, m, stage, dk, dv);
+        // (S = 2) issues step t + 1's loads after its first S^T GEMM.
+        scores_and_kv_grads<kMasked>(st, t, h, m, stage, dk, dv);
         // dS^T (and P^T) of the whole step are in smem.
         __syncthreads();
         if constexpr (Shape::kPtInSmem) kv_grads_from_smem(stage, dk, dv);
         if constexpr (S == 1) {
             // With one stage, Q and dO are free once every warp is past dV / dK.
             if constexpr (Shape::kPtInSmem) __syncthreads();
-            if (t + 1 < st.num_steps) load_step(st, t + 1, 0);
+            load_step(st, t + 1, 0, /*active=*/t + 1 < st.num_steps);
             ptx::cp_async_commit_group();
         }
         dq_step(st, h, m);
@@ -169,9 +186,12 @@ struct BwdMainloop {
     // Phase 1 of a step, per warp and chunk of queries: S^T = K Q^T and dP^T = V dO^T, then P^T
     // and dS^T (elementwise), then dV += P^T dO and dK += dS^T Q from registers (kWC = 1) or P^T /
     // dS^T to smem (kWC = 2). dS^T always goes to smem for dQ.
+    // With two stages, step t + 1's Q / dO / statistics loads are issued right after the first
+    // chunk's S^T MMAs (not at the top of the step), so that their ~200 instructions of address
+    // math issue while the tensor pipe works instead of delaying the first MMA.
     template <bool kMasked>
-    __device__ __forceinline__ void scores_and_kv_grads(const BwdWalkState& st, int h, int m, int stage, Acc& dk,
-                                                        Acc& dv) const {
+    __device__ __forceinline__ void scores_and_kv_grads(const BwdWalkState& st, int t, int h, int m, int stage,
+                                                        Acc& dk, Acc& dv) const {
         constexpr int kNT = Shape::kChunkNT;
         const int tid = ptx::thread_idx_x();
         const int warp = tid / 32, lane = tid % 32;
@@ -202,6 +222,19 @@ struct BwdMainloop {
                 gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, kPitch, kPipeFrags>(
                     s, base + Smem::kKOffset + key0 * kPitch + RowLane::a_x4(lane),
                     q_stage + Smem::kQOffset + qc * kPitch + RowLane::b_x4(lane));
+            }
+            if constexpr (S == 2) {
+                if (c == 0) {
+                    // Stage stage ^ 1 was last read in step t - 1, before this step's barrier.
+                    // t + 1, through a zero that ptxas cannot prove (num_steps > t >= 0 here) and
+                    // that depends on the S^T accumulators: without it ptxas hoists the address
+                    // math back above the MMAs.
+                    const int t_next = t + 1 + (__float_as_int(s[0][0][0]) & (st.num_steps >> 31));
+                    load_step(st, t_next, stage ^ 1, /*active=*/t_next < st.num_steps);
+                    ptx::cp_async_commit_group();
+                }
+            }
+            if (!hidden) {
                 if constexpr (kExpEarly) {
                     // Without score modifiers P^T is formed before dP^T = V dO^T, so that its
                     // exponentials can overlap the dP^T MMAs.
