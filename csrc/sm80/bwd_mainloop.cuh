@@ -66,6 +66,11 @@ struct BwdMainloop {
     // P^T before dP^T (probs_plain, then grads_plain) where it measured faster: d = 64 and 128
     // (+1.5-2% on the H200); d = 96 and 256 lost 1.5-2.5% with it (src/cells.rs notes).
     static constexpr bool kExpEarly = D == 64 || D == 128;
+    // (S = 2) where the next step's loads are issued: after the first chunk's S^T MMAs, or
+    // (kExpEarly only) after its dP^T MMAs. On the H200 against loads at the top of the step:
+    // after S^T d64 +5%, d96 +5-6%, d128 -0.3%; after dP^T d64 +2.5-3%, d128 +1-1.5%.
+    static constexpr bool kLoadAfterDp = kExpEarly && D == 128;
+    static_assert(kExpEarly || !kLoadAfterDp, "the loads follow dP^T only where P^T comes first");
 
     const FaParams& p;
     unsigned char* smem;
@@ -223,36 +228,58 @@ struct BwdMainloop {
                     s, base + Smem::kKOffset + key0 * kPitch + RowLane::a_x4(lane),
                     q_stage + Smem::kQOffset + qc * kPitch + RowLane::b_x4(lane));
             }
-            if constexpr (S == 2) {
-                if (c == 0) {
-                    // Stage stage ^ 1 was last read in step t - 1, before this step's barrier.
-                    // t + 1, through a zero that ptxas cannot prove (num_steps > t >= 0 here) and
-                    // that depends on the S^T accumulators: without it ptxas hoists the address
-                    // math back above the MMAs.
-                    const int t_next = t + 1 + (__float_as_int(s[0][0][0]) & (st.num_steps >> 31));
-                    load_step(st, t_next, stage ^ 1, /*active=*/t_next < st.num_steps);
-                    ptx::cp_async_commit_group();
+            // (S = 2, first chunk) step t + 1's loads. Stage stage ^ 1 was last read in step t - 1,
+            // before this step's barrier. t + 1 goes through a zero that ptxas cannot prove
+            // (num_steps > t >= 0 here) and that depends on the S^T accumulators: without it
+            // ptxas hoists the address math back above the MMAs.
+            auto load_next = [&]() {
+                if constexpr (S == 2) {
+                    if (c == 0) {
+                        const int t_next = t + 1 + (__float_as_int(s[0][0][0]) & (st.num_steps >> 31));
+                        load_step(st, t_next, stage ^ 1, /*active=*/t_next < st.num_steps);
+                        ptx::cp_async_commit_group();
+                    }
                 }
-            }
-            if (!hidden) {
-                if constexpr (kExpEarly) {
-                    // Without score modifiers P^T is formed before dP^T = V dO^T, so that its
-                    // exponentials can overlap the dP^T MMAs.
-                    const bool mods = p.softcap > 0.f || p.alibi_slopes != nullptr;
+            };
+            // Without score modifiers P^T is formed before dP^T = V dO^T (kExpEarly), so that its
+            // exponentials can overlap the dP^T MMAs. (The two forms below are kept apart because
+            // merging them changed the SASS of the other head dims: spills, +16-40 instructions.)
+            if constexpr (kLoadAfterDp) {
+                const bool mods = p.softcap > 0.f || p.alibi_slopes != nullptr;
+                if (!hidden) {
                     if (!mods) probs_plain<kMasked>(s, st, m, qc, key0, stage, lane);
                     gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, kPitch, kPipeFrags>(
                         dp, base + Smem::kVOffset + key0 * kPitch + RowLane::a_x4(lane),
                         q_stage + Smem::kDoOffset + qc * kPitch + RowLane::b_x4(lane));
+                }
+                load_next();
+                if (!hidden) {
                     if (!mods) {
                         grads_plain(s, dp, qc, stage, lane);
                     } else {
                         probs_and_grads_impl<kMasked, /*kMods=*/true>(s, dp, st, h, m, qc, key0, stage, lane);
                     }
-                } else {
-                    gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, kPitch, kPipeFrags>(
-                        dp, base + Smem::kVOffset + key0 * kPitch + RowLane::a_x4(lane),
-                        q_stage + Smem::kDoOffset + qc * kPitch + RowLane::b_x4(lane));
-                    probs_and_grads<kMasked>(s, dp, st, h, m, qc, key0, stage, lane);
+                }
+            } else {
+                load_next();
+                if (!hidden) {
+                    if constexpr (kExpEarly) {
+                        const bool mods = p.softcap > 0.f || p.alibi_slopes != nullptr;
+                        if (!mods) probs_plain<kMasked>(s, st, m, qc, key0, stage, lane);
+                        gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, kPitch, kPipeFrags>(
+                            dp, base + Smem::kVOffset + key0 * kPitch + RowLane::a_x4(lane),
+                            q_stage + Smem::kDoOffset + qc * kPitch + RowLane::b_x4(lane));
+                        if (!mods) {
+                            grads_plain(s, dp, qc, stage, lane);
+                        } else {
+                            probs_and_grads_impl<kMasked, /*kMods=*/true>(s, dp, st, h, m, qc, key0, stage, lane);
+                        }
+                    } else {
+                        gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, kPitch, kPipeFrags>(
+                            dp, base + Smem::kVOffset + key0 * kPitch + RowLane::a_x4(lane),
+                            q_stage + Smem::kDoOffset + qc * kPitch + RowLane::b_x4(lane));
+                        probs_and_grads<kMasked>(s, dp, st, h, m, qc, key0, stage, lane);
+                    }
                 }
             }
             uint32_t pa[kMT][kNT / 2][4];  // P^T as A fragments (T)
