@@ -68,7 +68,7 @@ struct BwdMainloop {
     static constexpr bool kExpEarly = D == 64 || D == 128;
     // (S = 2) where the next step's loads are issued: after the first chunk's S^T MMAs, or
     // (kExpEarly only) after its dP^T MMAs. On the H200 against loads at the top of the step:
-    // after S^T d64 +5%, d96 +5-6%, d128 -0.3%; after dP^T d64 +2.5-3%, d128 +1-1.5%.
+    // after S^T d64 +5%, d96 +4-6%, d128 -0.8 to +0.3%; after dP^T d64 +1.5-3%, d128 +0.8-1.6%.
     static constexpr bool kLoadAfterDp = kExpEarly && D == 128;
     static_assert(kExpEarly || !kLoadAfterDp, "the loads follow dP^T only where P^T comes first");
 
