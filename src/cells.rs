@@ -507,9 +507,11 @@ pub const fn sm80_fwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 /// Session 4 (fragment-major dQ, `kExpEarly` at d64 / d128; bf16, sm_90): d64 32x128w4 255 with
 /// a 16-byte spill (prologue and epilogue only, none in the walk), 64x128w8 217; d80 s2 244, s1
 /// 245; d96 64x128w8 245, 64x64w4 255; d128 255 for all three; d256 s1 241, s2 240, 32x32 240.
-/// Session 5 (loads behind the MMAs; ptxas -v, bf16, sm_90): spills only d128 64x128 s2 16 bytes
-/// (one reload of the step count per step), d128 64x64w4 36-44 bytes, d256 64x64 s1 44 bytes (3-4
-/// local accesses per step), d256 32x32 20 bytes; none at d64 (the 16 bytes are gone), d96, d256 s2.
+/// Session 5 (loads behind the MMAs; ptxas -v, bf16): spills only d128 64x128 s2 16 bytes on
+/// sm_90 (one reload of the step count per step; none on sm_80) and d256 64x64 s1 44 bytes (3-4
+/// local accesses per step; 44-52 on sm_80); none at d64 (its 16 bytes are gone), d96, d256 s2.
+/// The branch-free one-stage loads spilled 20-44 bytes in the 4-warp tiles (d128 64x64, d256
+/// 32x32), so those keep the branch (unmeasured either way).
 pub const fn sm80_bwd_tiles(head_dim: u32) -> &'static [Tile] {
     match head_dim {
         64 => &[tile!(32, 128, 4, 2), tile!(64, 128, 8, 2)],
