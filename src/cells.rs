@@ -492,6 +492,23 @@ pub const fn sm80_fwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 ///   next step's load addresses (`load_step`), issued right after the step's first barrier while
 ///   the tensor pipe idles.
 ///
+/// - Session 5 (2026-12-03, H200, bf16, `bench --bwd --seqlens 2048,8192`, same-process A/B against
+///   the session-4 kernel, min of 2-3 alternating runs, 20 iterations): the next step's Q / dO /
+///   statistics loads (`load_step`, ~150-230 instructions of 64-bit address math) moved from the
+///   top of the step, where they delayed the first MMA after the barrier, to behind the first S^T
+///   MMAs (two stages; branch-free and tied to the S^T accumulators through a zero ptxas cannot
+///   prove, otherwise ptxas hoists the math back) or, with one stage, made branch-free (ptxas then
+///   interleaves it with the dQ MMAs): d64 +4.7-5.5%, d96 +4.1-5.8%, d256 (64 x 64 s1)
+///   +3.0-4.4%; d128 -0.8 to +0.3%, so d128 issues them behind the dP^T MMAs instead
+///   (`kLoadAfterDp`): +0.8-1.6% (+1.5-3.1% at d64, less than behind S^T). The walk's t / n became
+///   an fp32-reciprocal divmod. With that, d = 256 runs 64 x 64 with two stages first: +4.7-6.1%
+///   against the session-4 kernel, +1.6-1.9% over one stage; d = 192 (same reasoning, not
+///   measured) keeps one stage. Not kept: one dQ pass at d = 256 (budget 192: -3.3 to -3.8%;
+///   -2.6 to -3.1% against the one-stage loads alone), P^T before dP^T at d = 96 (-0.9 to -1.1%),
+///   d = 128 one stage (+0.3-1.1%, below two stages with `kLoadAfterDp`), d = 96 64 x 64 w4
+///   (+0.1-3.2%, below 64 x 128). Against PyTorch FA2 (run 4 figures, another session): d64 8k
+///   non-causal 283 vs 275, d96 265 vs 284, d128 283 vs 294 (GQA causal 255 vs 278), d256 240 vs 249.
+///
 /// Registers per thread of the main kernel (nvcc 13.0, -O3, sm_80 / sm_90 SASS, bf16 and f16;
 /// 0 spills, 0 stack everywhere): d64 32x128w4 255/255, 64x128w8 218/228; d80 s2 255/244,
 /// s1 244/245; d96 64x128w8 254/245, 64x64w4 255/255; d128 255/255 for all three; d192 64x64 s1
@@ -499,6 +516,11 @@ pub const fn sm80_fwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 /// Session 4 (fragment-major dQ, `kExpEarly` at d64 / d128; bf16, sm_90): d64 32x128w4 255 with
 /// a 16-byte spill (prologue and epilogue only, none in the walk), 64x128w8 217; d80 s2 244, s1
 /// 245; d96 64x128w8 245, 64x64w4 255; d128 255 for all three; d256 s1 241, s2 240, 32x32 240.
+/// Session 5 (loads behind the MMAs; ptxas -v, bf16): spills only d128 64x128 s2 16 bytes on
+/// sm_90 (one reload of the step count per step; none on sm_80) and d256 64x64 s1 44 bytes (3-4
+/// local accesses per step; 44-52 on sm_80); none at d64 (its 16 bytes are gone), d96, d256 s2.
+/// The branch-free one-stage loads spilled 20-44 bytes in the 4-warp tiles (d128 64x64, d256
+/// 32x32), so those keep the branch (unmeasured either way).
 pub const fn sm80_bwd_tiles(head_dim: u32) -> &'static [Tile] {
     match head_dim {
         64 => &[tile!(32, 128, 4, 2), tile!(64, 128, 8, 2)],
@@ -506,7 +528,7 @@ pub const fn sm80_bwd_tiles(head_dim: u32) -> &'static [Tile] {
         96 => &[tile!(64, 128, 8, 2), tile!(64, 64, 4, 1)],
         128 => &[tile!(64, 128, 8, 2), tile!(64, 128, 8, 1), tile!(64, 64, 4, 1)],
         192 => &[tile!(64, 64, 8, 1), tile!(64, 64, 8, 2), tile!(32, 64, 8, 1)],
-        256 => &[tile!(64, 64, 8, 1), tile!(64, 64, 8, 2), tile!(32, 32, 4, 1)],
+        256 => &[tile!(64, 64, 8, 2), tile!(64, 64, 8, 1), tile!(32, 32, 4, 1)],
         _ => &[],
     }
 }

@@ -66,6 +66,11 @@ struct BwdMainloop {
     // P^T before dP^T (probs_plain, then grads_plain) where it measured faster: d = 64 and 128
     // (+1.5-2% on the H200); d = 96 and 256 lost 1.5-2.5% with it (src/cells.rs notes).
     static constexpr bool kExpEarly = D == 64 || D == 128;
+    // (S = 2) where the next step's loads are issued: after the first chunk's S^T MMAs, or
+    // (kExpEarly only) after its dP^T MMAs. On the H200 against loads at the top of the step:
+    // after S^T d64 +5%, d96 +4-6%, d128 -0.8 to +0.3%; after dP^T d64 +1.5-3%, d128 +0.8-1.6%.
+    static constexpr bool kLoadAfterDp = kExpEarly && D == 128;
+    static_assert(kExpEarly || !kLoadAfterDp, "the loads follow dP^T only where P^T comes first");
 
     const FaParams& p;
     unsigned char* smem;
@@ -91,12 +96,30 @@ struct BwdMainloop {
         return st;
     }
 
+    // t / n and t % n for 0 <= t < 2^22, 0 < n, through an fp32 reciprocal (MUFU.RCP) and one
+    // correction (the quotient estimate is off by at most one): ~10 instructions instead of the
+    // ~25 of an integer division, in the address math of every step.
+    __device__ __forceinline__ static void divmod_small(int t, int n, int& q, int& r) {
+        q = static_cast<int>(static_cast<float>(t) * ptx::rcp_approx(static_cast<float>(n)));
+        r = t - q * n;
+        if (r < 0) {
+            q -= 1;
+            r += n;
+        } else if (r >= n) {
+            q += 1;
+            r -= n;
+        }
+    }
     // The (query head, query block) of walk step t.
     __device__ __forceinline__ static int head_of(const BwdWalkState& st, int t) {
-        return st.head0 + t / (st.plan.m_end - st.plan.m_begin);
+        int q, r;
+        divmod_small(t, st.plan.m_end - st.plan.m_begin, q, r);
+        return st.head0 + q;
     }
     __device__ __forceinline__ static int mblock_of(const BwdWalkState& st, int t) {
-        return st.plan.m_begin + t % (st.plan.m_end - st.plan.m_begin);
+        int q, r;
+        divmod_small(t, st.plan.m_end - st.plan.m_begin, q, r);
+        return st.plan.m_begin + r;
     }
 
     // ---- loads ----
@@ -108,12 +131,14 @@ struct BwdMainloop {
         KvCopy::issue(smem_base() + Smem::kVOffset, v, p.v_row_stride, rows_valid, tid);
     }
 
-    // Q, dO, log2 LSE and D of walk step t into stage `stage` (not committed).
-    __device__ __forceinline__ void load_step(const BwdWalkState& st, int t, int stage) const {
+    // Q, dO, log2 LSE and D of walk step t into stage `stage` (not committed). Branch-free: with
+    // active = false (t past the walk) every chunk is zero-filled and no global memory is read,
+    // so that the address math can be scheduled among the MMAs around the call.
+    __device__ __forceinline__ void load_step(const BwdWalkState& st, int t, int stage, bool active = true) const {
         const int tid = ptx::thread_idx_x();
         const int h = head_of(st, t);
         const int m = mblock_of(st, t);
-        const int rows_valid = min(BM, st.seqlen_q - m * BM);
+        const int rows_valid = active ? min(BM, st.seqlen_q - m * BM) : 0;
         const int64_t row0 = static_cast<int64_t>(st.q_row0) + m * BM;
         const int64_t b = (p.flags & FA_FLAG_VARLEN) != 0 ? 0 : st.batch;
         const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + row0 * p.q_row_stride + h * p.q_head_stride;
@@ -127,10 +152,10 @@ struct BwdMainloop {
         const uint32_t stat_stage = static_cast<uint32_t>(stage) * Smem::kStatStageBytes;
         if (tid < BM / 4) {
             ptx::cp_async_cg_16(smem_base() + Smem::kLseOffset + stat_stage + tid * 16, Ws::lse_log2(p) + ws + tid * 4,
-                                true);
+                                active);
         } else if (tid < BM / 2) {
             const int c = tid - BM / 4;
-            ptx::cp_async_cg_16(smem_base() + Smem::kDsumOffset + stat_stage + c * 16, Ws::dsum(p) + ws + c * 4, true);
+            ptx::cp_async_cg_16(smem_base() + Smem::kDsumOffset + stat_stage + c * 16, Ws::dsum(p) + ws + c * 4, active);
         }
     }
 
@@ -147,20 +172,24 @@ struct BwdMainloop {
         __syncthreads();
         const BwdWalkState st = load_state();
         const int stage = S == 2 ? (t & 1) : 0;
-        if constexpr (S == 2) {
-            if (t + 1 < st.num_steps) load_step(st, t + 1, (t + 1) & 1);
-            ptx::cp_async_commit_group();
-        }
         const int h = head_of(st, t);
         const int m = mblock_of(st, t);
-        scores_and_kv_grads<kMasked>(st, h, m, stage, dk, dv);
+        // (S = 2) issues step t + 1's loads after its first S^T GEMM.
+        scores_and_kv_grads<kMasked>(st, t, h, m, stage, dk, dv);
         // dS^T (and P^T) of the whole step are in smem.
         __syncthreads();
         if constexpr (Shape::kPtInSmem) kv_grads_from_smem(stage, dk, dv);
         if constexpr (S == 1) {
             // With one stage, Q and dO are free once every warp is past dV / dK.
             if constexpr (Shape::kPtInSmem) __syncthreads();
-            if (t + 1 < st.num_steps) load_step(st, t + 1, 0);
+            // Branch-free with 8 warps, so that ptxas interleaves the address math with the dQ
+            // MMAs (d256 64 x 64: +3-4% on the H200); the 4-warp tiles spilled with it (28-44
+            // bytes) and keep the branch.
+            if constexpr (W == 8) {
+                load_step(st, t + 1, 0, /*active=*/t + 1 < st.num_steps);
+            } else {
+                if (t + 1 < st.num_steps) load_step(st, t + 1, 0);
+            }
             ptx::cp_async_commit_group();
         }
         dq_step(st, h, m);
@@ -169,9 +198,12 @@ struct BwdMainloop {
     // Phase 1 of a step, per warp and chunk of queries: S^T = K Q^T and dP^T = V dO^T, then P^T
     // and dS^T (elementwise), then dV += P^T dO and dK += dS^T Q from registers (kWC = 1) or P^T /
     // dS^T to smem (kWC = 2). dS^T always goes to smem for dQ.
+    // With two stages, step t + 1's Q / dO / statistics loads are issued right after the first
+    // chunk's S^T MMAs (not at the top of the step), so that their ~200 instructions of address
+    // math issue while the tensor pipe works instead of delaying the first MMA.
     template <bool kMasked>
-    __device__ __forceinline__ void scores_and_kv_grads(const BwdWalkState& st, int h, int m, int stage, Acc& dk,
-                                                        Acc& dv) const {
+    __device__ __forceinline__ void scores_and_kv_grads(const BwdWalkState& st, int t, int h, int m, int stage,
+                                                        Acc& dk, Acc& dv) const {
         constexpr int kNT = Shape::kChunkNT;
         const int tid = ptx::thread_idx_x();
         const int warp = tid / 32, lane = tid % 32;
@@ -202,24 +234,59 @@ struct BwdMainloop {
                 gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, kPitch, kPipeFrags>(
                     s, base + Smem::kKOffset + key0 * kPitch + RowLane::a_x4(lane),
                     q_stage + Smem::kQOffset + qc * kPitch + RowLane::b_x4(lane));
-                if constexpr (kExpEarly) {
-                    // Without score modifiers P^T is formed before dP^T = V dO^T, so that its
-                    // exponentials can overlap the dP^T MMAs.
-                    const bool mods = p.softcap > 0.f || p.alibi_slopes != nullptr;
+            }
+            // (S = 2, first chunk) step t + 1's loads. Stage stage ^ 1 was last read in step t - 1,
+            // before this step's barrier. t + 1 goes through a zero that ptxas cannot prove
+            // (num_steps > t >= 0 here) and that depends on the S^T accumulators: without it
+            // ptxas hoists the address math back above the MMAs.
+            auto load_next = [&]() {
+                if constexpr (S == 2) {
+                    if (c == 0) {
+                        const int t_next = t + 1 + (__float_as_int(s[0][0][0]) & (st.num_steps >> 31));
+                        load_step(st, t_next, stage ^ 1, /*active=*/t_next < st.num_steps);
+                        ptx::cp_async_commit_group();
+                    }
+                }
+            };
+            // Without score modifiers P^T is formed before dP^T = V dO^T (kExpEarly), so that its
+            // exponentials can overlap the dP^T MMAs. (The two forms below are kept apart because
+            // merging them changed the SASS of the other head dims: spills, +16-40 instructions.)
+            if constexpr (kLoadAfterDp) {
+                const bool mods = p.softcap > 0.f || p.alibi_slopes != nullptr;
+                if (!hidden) {
                     if (!mods) probs_plain<kMasked>(s, st, m, qc, key0, stage, lane);
                     gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, kPitch, kPipeFrags>(
                         dp, base + Smem::kVOffset + key0 * kPitch + RowLane::a_x4(lane),
                         q_stage + Smem::kDoOffset + qc * kPitch + RowLane::b_x4(lane));
+                }
+                load_next();
+                if (!hidden) {
                     if (!mods) {
                         grads_plain(s, dp, qc, stage, lane);
                     } else {
                         probs_and_grads_impl<kMasked, /*kMods=*/true>(s, dp, st, h, m, qc, key0, stage, lane);
                     }
-                } else {
-                    gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, kPitch, kPipeFrags>(
-                        dp, base + Smem::kVOffset + key0 * kPitch + RowLane::a_x4(lane),
-                        q_stage + Smem::kDoOffset + qc * kPitch + RowLane::b_x4(lane));
-                    probs_and_grads<kMasked>(s, dp, st, h, m, qc, key0, stage, lane);
+                }
+            } else {
+                load_next();
+                if (!hidden) {
+                    if constexpr (kExpEarly) {
+                        const bool mods = p.softcap > 0.f || p.alibi_slopes != nullptr;
+                        if (!mods) probs_plain<kMasked>(s, st, m, qc, key0, stage, lane);
+                        gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, kPitch, kPipeFrags>(
+                            dp, base + Smem::kVOffset + key0 * kPitch + RowLane::a_x4(lane),
+                            q_stage + Smem::kDoOffset + qc * kPitch + RowLane::b_x4(lane));
+                        if (!mods) {
+                            grads_plain(s, dp, qc, stage, lane);
+                        } else {
+                            probs_and_grads_impl<kMasked, /*kMods=*/true>(s, dp, st, h, m, qc, key0, stage, lane);
+                        }
+                    } else {
+                        gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, kPitch, kPipeFrags>(
+                            dp, base + Smem::kVOffset + key0 * kPitch + RowLane::a_x4(lane),
+                            q_stage + Smem::kDoOffset + qc * kPitch + RowLane::b_x4(lane));
+                        probs_and_grads<kMasked>(s, dp, st, h, m, qc, key0, stage, lane);
+                    }
                 }
             }
             uint32_t pa[kMT][kNT / 2][4];  // P^T as A fragments (T)
