@@ -395,11 +395,27 @@ macro_rules! tile {
 ///   (batch, seqlen, heads, d), ours measured +0-1% at d = 256 and d = 128, +0.5-2.7% at d = 96
 ///   non-causal: not what separates the two.
 ///
+/// - Session 5 (H200, 2026-12-03, bf16, one device session, every binary run twice alternating
+///   with main; PyTorch FA2 from run 4: d256 304 / 320, d96 328 / 333, d128 336 / 356, GQA
+///   334 / 346 TFLOP/s at 2k / 8k non-causal): part of Q's k-steps in registers
+///   (`FwdMainloop::kQSteps`). d = 256 128 x 64 x 8 warps: the whole 64-key block as one softmax
+///   chunk with 13 of 16 Q k-steps in registers and the split refill (was 32-key chunks, all of
+///   Q): non-causal 1k-16k 274/291/300/304/307 -> 283/301/311/316/318 (+3.4-3.9%), causal
+///   225/262/286/302/310 -> 230/269/296/313/322 (+2.2-3.8%); 0.99x FA2 at 2k and 8k. d = 96
+///   (2 of 6 k-steps): non-causal 2k/4k/8k 325/330/321 -> 329/341/330, causal +1.3-1.5%; d = 128
+///   128 x 64 (1 of 8): 339/342/349 -> 340/346/360, causal +1.6-2.1%, GQA 32/8 344/352/357 ->
+///   350/356/363. Not kept: parking the d = 256 row sums in K / V row pads to hold more of Q
+///   (-4 to -5%); 12 / 14 k-steps (+2.1-3.4%); 8 / 10 (-2.5 to +1%); d = 96 with 4 or 6 k-steps
+///   (-1.7 to +2.7%); the d = 256 64 x 64 x 1-stage tile with 8 or 12 Q k-steps in registers
+///   (64-key chunk): +2-3% over its current form, still 7-10% below 128 x 64 x 8 warps
+///   non-causal (it runs only causal at 512 keys, not measured there).
+///
 /// Registers per thread (nvcc 13.0, -O3; sm_80 / sm_90 SASS; same for f16 and bf16; 0 spills and
 /// 0 stack everywhere): d64 128x64 226/224; d80 128x64x3 222/223; d96 128x64x3 238/239, x2
 /// 238/239; d128 128x64 254/255, 128x32 227/234; d192 128x64w8 240/240, 64x32 230/238;
 /// d256 128x64w8 255/255, 64x64x1 241/239. Session 4 (sm_90, bf16): d96 128x64x3 and x2 244 with
-/// the split refill.
+/// the split refill. Session 5 (partial Q in registers): d96 128x64x3 / x2 249/255, d128 128x64
+/// 255/255, d256 128x64w8 255/255.
 pub const fn sm80_fwd_tiles(head_dim: u32) -> &'static [Tile] {
     match head_dim {
         64 => &[tile!(128, 64, 4, 2)],

@@ -32,9 +32,12 @@
 //   registers the per-lane row sums are parked in the K rows' smem padding between steps (d = 128,
 //   128 x 64: the whole 64-key block in one softmax chunk, Q read once per step); beyond that a
 //   step runs its block as two softmax chunks. Where O + S + Q fit 160 registers, Q's fragments
-//   stay in registers for the whole walk (d = 64); so they do with 16-row warps at d = 192 / 256,
-//   where the step walks its block in 32-key chunks (O + S + Q <= 208 registers). Every
-//   instantiation is spill-free (registers: src/cells.rs, sm80_fwd_tiles).
+//   stay in registers for the whole walk (d = 64); so they do with 16-row warps at d = 192,
+//   where the step walks its block in 32-key chunks (O + S + Q <= 208 registers). Elsewhere the
+//   first k16 steps of Q that fit stay in registers and the rest is re-read from smem at each
+//   Q K^T (d = 96: 2 of 6, d = 128: 1 of 8, d = 256: 13 of 16, with the whole 64-key block as
+//   one chunk, O + S + Q = 212 registers). Every instantiation is spill-free (registers:
+//   src/cells.rs, sm80_fwd_tiles).
 // - Causal / right-bounded masks remap the grid so that the heaviest query blocks of all (batch,
 //   head) pairs start first and the light ones fill the tail (FwdTile::make).
 // - Epilogue: O scaled by 1/Z, converted to T, staged in the warp's own Q rows, stored 16 bytes per
@@ -87,11 +90,12 @@ struct FwdKernel {
     static_assert(BN % 16 == 0, "a key block is whole k16 steps of P V (and n8 pairs of Q K^T)");
     static_assert(W == 4 || W == 8, "4 or 8 warps: the register budget below assumes 128-256 threads");
     static_assert(kSmemBytes <= 227 * 1024, "dynamic smem must fit the largest opt-in limit (sm_90: 227 KB)");
-    static_assert(kMT * kDT * 4 + kMT * (Mainloop::kChunkN / 8) * 4 + (Mainloop::kQInRegs ? Mainloop::kQRegs : 0) <=
-                      (Mainloop::kWideQInRegs ? 208 : Mainloop::kParkRowSums ? 192 : 160),
-                  "O plus one chunk of S must leave ~95 of the 255 registers to fragments, softmax state and "
-                  "addresses, ~63 with the row sums parked in smem (see FwdMainloop::kChunkN), or ~47 with "
-                  "16-row warps and Q in registers (FwdMainloop::kWideQInRegs)");
+    static constexpr int kQStepRegs = Mainloop::kQInRegs ? kMT * Mainloop::kQSteps * 4 : 0;
+    static_assert(kMT * kDT * 4 + kMT * (Mainloop::kChunkN / 8) * 4 + kQStepRegs <=
+                      (Mainloop::kWideQInRegs ? 212 : Mainloop::kParkRowSums ? 200 : 176),
+                  "O plus one chunk of S plus Q's register-held k-steps must leave ~79 of the 255 registers to "
+                  "fragments, softmax state and addresses, ~55 with the row sums parked in smem (see "
+                  "FwdMainloop::kChunkN), or ~43 with 16-row warps and Q in registers (FwdMainloop::kWideQInRegs)");
 
     __device__ __forceinline__ static void run(const FaParams& p, unsigned char* smem) {
         const Mainloop mainloop(p, smem);

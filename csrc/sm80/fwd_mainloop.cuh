@@ -161,14 +161,14 @@ __device__ __forceinline__ void warp_gemm_qk(float (&s)[MT][NT][4], uint32_t q_l
     }
 }
 
-// The warp's Q rows as A fragments, [m16 tile][k16 step], loaded once for the whole walk where
-// the registers allow it (FwdMainloop::kQInRegs).
-template <class T, int MT, int D, int PITCH>
-__device__ __forceinline__ void load_q_frags(uint32_t (&q_frag)[MT][D / 16][4], uint32_t q_lane) {
+// The warp's Q rows as A fragments, [m16 tile][k16 step], for the first KQ k16 steps of the head
+// dim, loaded once for the whole walk where the registers allow it (FwdMainloop::kQSteps).
+template <class T, int MT, int KQ, int PITCH>
+__device__ __forceinline__ void load_q_frags(uint32_t (&q_frag)[MT][KQ][4], uint32_t q_lane) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) ptx::ldmatrix_x4(q_frag[mt][kk], q_lane + mt * 16 * PITCH + kk * 32);
+        for (int kk = 0; kk < KQ; ++kk) ptx::ldmatrix_x4(q_frag[mt][kk], q_lane + mt * 16 * PITCH + kk * 32);
 }
 
 // warp_gemm_qk with Q from registers (load_q_frags): only K comes from smem.
@@ -188,6 +188,38 @@ __device__ __forceinline__ void warp_gemm_qk_rq(float (&s)[MT][NT][4], const uin
             for (int mt = 0; mt < MT; ++mt) {
                 ptx::mma_m16n8k16_f32<T>(s[mt][2 * np], q_frag[mt][kk], k_frag0);
                 ptx::mma_m16n8k16_f32<T>(s[mt][2 * np + 1], q_frag[mt][kk], k_frag1);
+            }
+        }
+    }
+}
+
+// warp_gemm_qk with the first KQ < D / 16 k16 steps of Q from registers (load_q_frags) and the
+// rest from smem (q_lane: as for warp_gemm_qk).
+template <class T, int MT, int NT, int D, int KQ, int PITCH>
+__device__ __forceinline__ void warp_gemm_qk_partial_rq(float (&s)[MT][NT][4], const uint32_t (&q_regs)[MT][KQ][4],
+                                                        uint32_t q_lane, uint32_t k_lane) {
+    static_assert(D % 16 == 0 && NT % 2 == 0, "Q K^T walks k-steps of 16 and loads K n-tiles in pairs");
+    static_assert(KQ >= 1 && KQ < D / 16, "some but not all k-steps of Q in registers (else warp_gemm_qk_rq)");
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t q_smem[MT][4];
+        if (kk >= KQ) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) ptx::ldmatrix_x4(q_smem[mt], q_lane + mt * 16 * PITCH + kk * 32);
+        }
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+            uint32_t r[4];
+            ptx::ldmatrix_x4(r, k_lane + np * 16 * PITCH + kk * 32);
+            const uint32_t k_frag0[2] = {r[0], r[1]};
+            const uint32_t k_frag1[2] = {r[2], r[3]};
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                uint32_t q_frag[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) q_frag[i] = kk < KQ ? q_regs[mt][kk < KQ ? kk : 0][i] : q_smem[mt][i];
+                ptx::mma_m16n8k16_f32<T>(s[mt][2 * np], q_frag, k_frag0);
+                ptx::mma_m16n8k16_f32<T>(s[mt][2 * np + 1], q_frag, k_frag1);
             }
         }
     }
@@ -295,7 +327,9 @@ struct FwdMainloop {
     // per-lane row sums in shared memory between steps (the 4 registers that made ptxas spill):
     // one LDS.128 and one STS.128 per step, in the unused 16-byte pads of the K stage rows (one
     // line per thread; row_sum_park). Measured on H100 (d = 128, 128 x 64): +5-7% over two
-    // 32-key chunks, which re-read Q from smem per chunk.
+    // 32-key chunks, which re-read Q from smem per chunk. (Parking the sums of the d = 256
+    // 128 x 64 x 8-warp tile too, in K and V row pads, to hold more of Q: 4-8% slower, H200
+    // 2026-12-03.)
     static constexpr bool kParkRowSums = kOAndSRegs > 160 && kOAndSRegs <= 192 && S * BN >= kThreads;
     // Q's A fragments held in registers for the whole walk where O + S + Q fit 160 registers
     // (d = 64 with 64-key blocks, d = 192 with 16 rows per warp and 32 keys): Q K^T then reads
@@ -310,9 +344,31 @@ struct FwdMainloop {
     // 64 x 32 x 4 warps with Q in registers stayed 6% below it.
     static constexpr bool kWideQInRegs =
         D >= 192 && kMT == 1 && S >= 2 && BN % 32 == 0 && kMT * kDT * 4 + kMT * (32 / 8) * 4 + kQRegs <= 208;
-    static constexpr bool kQInRegs = kOAndSRegs + kQRegs <= 160 || kWideQInRegs;
+    // d = 256, 64-key blocks: the whole block is one softmax chunk (S = 32 registers: 8 independent
+    // accumulator chains per k-step of Q K^T instead of 4, one softmax per step instead of two)
+    // and only the first 13 of Q's 16 k-steps stay in registers (O 128 + S 32 + Q 52 = 212;
+    // the last 3 are re-read from smem at each Q K^T, 3 ldmatrix of 131 per step), with the
+    // split refill (kRefill). Measured on H200 (2026-12-03, bf16, two runs alternating with the
+    // 32-key chunks with all of Q in registers): non-causal 1k-16k +3.4-3.9%, causal +2.2-3.8%.
+    // Same chunk with 14 k-steps +3.1-3.4% (split refill), +2.1-2.5% (early); 12 k-steps, early
+    // refill +2.8-3.2%; 8 k-steps -2.5% (early), +1% (late); 32-key chunks with 12 k-steps -7%;
+    // all 16 k-steps with a 64-key chunk spill 68 bytes.
+    static constexpr bool kWideBlockChunk = kWideQInRegs && D == 256 && BN == 64;
+    // Where 32-row warps have a few registers left beside O + S (d = 96 and d = 128 with 64-key
+    // blocks), the first k-steps of Q stay in registers (ldmatrix per warp and step: d = 96
+    // 60 -> 56, d = 128 80 -> 78). Measured on H200 (2026-12-03, bf16, two runs alternating):
+    // d = 96 with 2 k-steps non-causal 2k-8k +1.4-3.6%, causal +1.3-1.5%; with 4 or all 6
+    // (spill-free too) -1.7 to +2.7%; d = 128 with 1 k-step (2 spill 56 bytes) 16 heads
+    // +0.6-3.2%, causal +1.6-2.1%, GQA 32/8 +1.0-1.9%, causal +0-0.9%.
+    static constexpr int kNarrowQSteps = kMT == 2 && BN == 64 ? (D == 96 ? 2 : D == 128 ? 1 : 0) : 0;
+    static constexpr bool kQInRegs = kOAndSRegs + kQRegs <= 160 || kWideQInRegs || kNarrowQSteps > 0;
+    // k16 steps of Q held in registers (the rest re-read from smem at each Q K^T).
+    static constexpr int kQSteps = !kQInRegs ? 0
+                                   : kWideBlockChunk ? 13
+                                   : kNarrowQSteps > 0 ? kNarrowQSteps
+                                   : D / 16;
     struct QFrags {
-        uint32_t r[kQInRegs ? kMT : 1][kQInRegs ? D / 16 : 1][4];
+        uint32_t r[kQInRegs ? kMT : 1][kQInRegs ? kQSteps : 1][4];
     };
     // With 16-row warps and Q in registers (one block per SM, nothing to hide its prologue), the
     // prologue commits Q as a cp.async group of its own ahead of the ring's groups: load_q then
@@ -325,7 +381,10 @@ struct FwdMainloop {
     // e.g. d = 80 with 128 keys), a step walks its block in two halves (S of BN / 2 keys): the
     // loads, the barrier and the prefetch distance stay those of the full block, and the step fits.
     static constexpr int kChunkN =
-        kWideQInRegs ? 32 : (kOAndSRegs > 160 && !kParkRowSums && BN % 32 == 0) ? BN / 2 : BN;
+        kWideBlockChunk ? BN
+        : kWideQInRegs ? 32
+        : (kOAndSRegs > 160 && !kParkRowSums && BN % 32 == 0) ? BN / 2
+        : BN;
 
     // Where the ring refill of a step (the K and V of the block of step t+S-1) is issued:
     // - kLate: after the step's first S = Q K^T (compute() calls it), not right after the
@@ -336,14 +395,18 @@ struct FwdMainloop {
     //   its P V). Where O + S leave no room for both copies' addresses next to S (parked row sums,
     //   d = 128 x 64 keys: the whole late refill spilled 40 bytes; half of it fits), and at d = 96
     //   (H200, 2026-12-02: +1.7-2.6% over kLate without a mask at 512-16k, causal -1.2% at 512 to
-    //   +1.3% at 16k).
-    // - kEarly: both after the barrier. d = 192 / 256 with Q in registers (one block per SM): the
-    //   late refill was 2-6% slower there, and a split one not measurably faster.
+    //   +1.3% at 16k), and at d = 256 with its 64-key chunk (kWideBlockChunk; 13 k-steps of Q in
+    //   registers fit beside it, 12 with the late refill would spill 28 bytes).
+    // - kEarly: both after the barrier. d = 192 / 256 with 32-key chunks and all of Q in registers
+    //   (one block per SM): the late refill was 2-6% slower there, and a split one not measurably
+    //   faster.
     // Measured on H100 (bf16, full grid, session 3 of 2026-11-22, three runs each alternating
     // with HEAD): geometric mean +2.0% (d = 64 +1-7%, 80 -2..+7%, 96 +0-5%, 128 +0-6%).
     enum class Refill { kEarly, kLate, kSplit };
     static constexpr Refill kRefill =
-        kWideQInRegs ? Refill::kEarly : (kParkRowSums || D == 96) ? Refill::kSplit : Refill::kLate;
+        kWideQInRegs && !kWideBlockChunk ? Refill::kEarly
+        : (kParkRowSums || kWideBlockChunk || D == 96) ? Refill::kSplit
+        : Refill::kLate;
 
     const FaParams& p;
     unsigned char* smem;  // the dynamic shared memory (generic pointer into the shared window)
@@ -444,7 +507,7 @@ struct FwdMainloop {
             __syncthreads();
             const int tid = ptx::thread_idx_x();
             const int warp = tid / 32, lane = tid % 32;
-            load_q_frags<T, kMT, D, kPitch>(
+            load_q_frags<T, kMT, kQSteps, kPitch>(
                 q.r, smem_base() + Smem::kQOffset + warp * kWarpRows * kPitch + Lane::a_x4(lane));
         }
     }
@@ -550,12 +613,15 @@ struct FwdMainloop {
         return next_after(t, load_state().plan);
     }
 
-    // This thread's parking line: the pad of K stage row `tid` (stage tid / BN, row tid % BN).
-    // Only this thread touches it, so program order alone orders its stores and loads.
+    // This thread's parking line: the pad of K stage row `tid` (stage tid / BN, row tid % BN; the
+    // stages are contiguous rows). Only this thread touches it, so program order alone orders its
+    // stores and loads. (Written as one multiply: the stage / row form costs the d = 128 step
+    // with one k-step of Q in registers a 52-byte spill.)
     __device__ __forceinline__ uint32_t row_sum_park() const {
+        static_assert(!kParkRowSums || S * BN >= kThreads, "one K stage row pad per thread");
+        static_assert(Smem::kKvStageBytes == BN * kPitch, "K stage rows follow one another");
         const int tid = ptx::thread_idx_x();
-        return smem_base() + Smem::kKOffset + (tid / BN) * Smem::kKvStageBytes + (tid % BN) * kPitch +
-               D * static_cast<int>(sizeof(T));
+        return smem_base() + Smem::kKOffset + tid * kPitch + D * static_cast<int>(sizeof(T));
     }
     template <class Softmax>
     __device__ __forceinline__ void park_row_sums(const Softmax& softmax) const {
@@ -628,10 +694,12 @@ struct FwdMainloop {
             for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
                 for (int i = 0; i < 4; ++i) s[mt][nt][i] = 0.f;
-        if constexpr (kQInRegs) {
+        const uint32_t q_lane = smem_base() + Smem::kQOffset + warp * kWarpRows * kPitch + Lane::a_x4(lane);
+        if constexpr (kQInRegs && kQSteps == D / 16) {
             warp_gemm_qk_rq<T, kMT, NT, D, kPitch>(s, q.r, k_lane);
+        } else if constexpr (kQInRegs) {
+            warp_gemm_qk_partial_rq<T, kMT, NT, D, kQSteps, kPitch>(s, q.r, q_lane, k_lane);
         } else {
-            const uint32_t q_lane = smem_base() + Smem::kQOffset + warp * kWarpRows * kPitch + Lane::a_x4(lane);
             warp_gemm_qk<T, kMT, NT, D, kPitch>(s, q_lane, k_lane);
         }
     }
