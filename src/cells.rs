@@ -628,6 +628,24 @@ pub const fn sm80_bwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 ///   scheduler), and 128 x 128 x 3 stages 0-5% slower without a mask; at d = 80 / 96 causal,
 ///   128 x 128 x 3 stages was 5-10% slower. So 128 x 176 serves every mask, except causal calls
 ///   up to 4k keys, which run 128 x 128 x 2 stages (second; `sm90_fwd_variant`).
+///   Schedule, measured (H200, 2026-12-03, bf16, 16k tokens, `bench --family sm90 --head-dims
+///   128 --seqlens 2048,8192`, three interleaved rounds, medians; rounds vary by up to +-3%):
+///   wgmma descriptors built once per issue plus a constant per k16 step (`k_major_step`,
+///   `mn_major_step`; the turn's issue code shrinks from ~200 to ~120 instructions per warp):
+///   non-causal 2k / 8k +1.2% / +3.9% (MHA), +4.1% / +1.6% (GQA 32/8), causal -0.5% to +1.0%;
+///   geometric mean +1.4% over the 8 cells. Not kept: passing the ping-pong turn right after
+///   the Q.K^T issue (before P.V): -1.7% to +2% against that, mixed; no ping-pong at all: equal
+///   without a mask, causal 8k -2.5% (MHA) / -1.6% (GQA). Diagnostic (wrong results): 64 of a
+///   thread's 88 exponentials per block replaced by one FFMA each: +10-13% on every cell, so the
+///   softmax is on the critical path (SASS: the MUFU takes a warp instruction every 8 cycles,
+///   88 x 8 = 704 of the ~1150 statically scheduled cycles from the rescale vote to the next
+///   turn; the row-sum FADDs and the P conversion run after the last MUFU, not in its gaps).
+///   FlashAttention-4's FMA-pipe exp2 (degree-3 polynomial, 10 SASS instructions per element)
+///   for a quarter of the elements fills those gaps but turns the span issue-bound at the same
+///   ~780 static cycles (not measured). ncu (d 128 non-causal 8k, this schedule): 1.63 ms at
+///   1.73 GHz, issue slots 36% busy, L2 hit rate 95%, DRAM 4%; warp stall samples: wait 40%
+///   (MUFU and FMNMX fixed-latency stalls), selected 17%, long scoreboard 10%, dispatch 8%,
+///   named barrier (ping-pong turn) 7%.
 /// - d = 192: 128 x 112, 2 stages (222336 bytes); 3 stages do not fit.
 /// - d = 256: 128 x 80, 2 stages (230528 bytes): O alone is 128 registers. 128 x 64 measured
 ///   within noise without a mask and 7% slower causal at 8k-16k (3% faster at 2k), and -3% to

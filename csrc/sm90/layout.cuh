@@ -91,6 +91,19 @@ struct SmemTile {
         return make_smem_desc(addr, 16u, Geo::kAtomBytes, Geo::kDescLayout);
     }
 
+    // The same descriptors as a base plus a per-k-step increment. A descriptor's start-address
+    // field (bits 0..13, address >> 4) never carries into the leading byte offset: the shared
+    // window is 18 bits (SharedLayout static_asserts it), so adding a step's byte offset >> 4 to
+    // the 64-bit descriptor of step 0 only changes that field. Built this way, an issue costs
+    // one add per wgmma instead of rebuilding the bit fields from the address each k16 step.
+    __device__ __forceinline__ static constexpr uint64_t k_major_step(int ks) {
+        return ((static_cast<uint32_t>(ks) / Geo::kKStepsPerPanel) * kPanelBytes +
+                (static_cast<uint32_t>(ks) % Geo::kKStepsPerPanel) * 32u) >> 4;
+    }
+    __device__ __forceinline__ static constexpr uint64_t mn_major_step(int ks) {
+        return (static_cast<uint32_t>(ks) * 16u * Geo::kSwizzleBytes) >> 4;
+    }
+
     // MN-major descriptor (V as B of P·V, imm-trans-b = 1): K = tile rows [16 ks, 16 ks + 16),
     // N = all D columns. The leading byte offset steps from one PW-wide panel to the next along
     // N; the stride byte offset steps from one 8-row group to the next along K.

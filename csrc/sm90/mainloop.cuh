@@ -200,22 +200,25 @@ struct Mainloop {
             uint32_t const k = sm.k_tile(stage);
             fence_operands(s);
             wgmma_fence();  // s was read by ordinary instructions (the previous softmax)
+            uint64_t const q_desc = QSlab::desc_k_major(q, 0, 0);
+            uint64_t const k_desc = KVTile::desc_k_major(k, 0, 0);
 #pragma unroll
             for (int ks = 0; ks < kQKSteps; ++ks) {
-                WgmmaSS<T, BN>::mma(s, QSlab::desc_k_major(q, 0, ks), KVTile::desc_k_major(k, 0, ks), ks > 0 ? 1u : 0u);
+                WgmmaSS<T, BN>::mma(s, q_desc + QSlab::k_major_step(ks), k_desc + KVTile::k_major_step(ks),
+                                    ks > 0 ? 1u : 0u);
             }
             wgmma_commit();
         }
 
         __device__ __forceinline__ void issue_pv(float (&o)[D / 2], uint32_t (&pf)[kPVSteps][4], const Smem& sm,
                                                  int stage) const {
-            uint32_t const v = sm.v_tile(stage);
+            uint64_t const v_desc = KVTile::desc_mn_major(sm.v_tile(stage), 0);
             fence_operands(o);
             fence_operands(pf);
             wgmma_fence();  // o was rescaled and pf converted by ordinary instructions
 #pragma unroll
             for (int ks = 0; ks < kPVSteps; ++ks) {
-                WgmmaRSTransB<T, D>::mma(o, pf[ks], KVTile::desc_mn_major(v, ks), 1u);
+                WgmmaRSTransB<T, D>::mma(o, pf[ks], v_desc + KVTile::mn_major_step(ks), 1u);
             }
             wgmma_commit();
         }

@@ -48,14 +48,20 @@ struct OnlineSoftmax {
     // above). Returns whether this warp must rescale O; if so, o_scale holds the factors
     // 2^((m_old - m) f) (0 for a row whose old base was -inf), and is left unset otherwise.
     __device__ __forceinline__ bool update(float (&s)[N / 2], float f, float (&o_scale)[2]) {
+        // Both rows in one pass, two partial maxima each: four independent FMNMX chains instead
+        // of one row's dependent chain after the other. (FMNMX issues every other cycle on sm_90,
+        // so this changes the SASS order more than its cycle count.)
+        float part[2][2] = {{row_max[0], row_max[0]}, {row_max[1], row_max[1]}};
+#pragma unroll
+        for (int c = 0; c < N / 8; ++c) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                part[h][c % 2] = fmaxf(part[h][c % 2], fmaxf(s[4 * c + 2 * h], s[4 * c + 2 * h + 1]));
+            }
+        }
         float m_new[2];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            float m = row_max[h];
-#pragma unroll
-            for (int c = 0; c < N / 8; ++c) m = fmaxf(m, fmaxf(s[4 * c + 2 * h], s[4 * c + 2 * h + 1]));
-            m_new[h] = quad_max(m);
-        }
+        for (int h = 0; h < 2; ++h) m_new[h] = quad_max(fmaxf(part[h][0], part[h][1]));
         // -inf - -inf is NaN, which compares false: a row that has seen only -inf stays there.
         bool const grow = (m_new[0] - row_max[0]) * f > kRescaleSlack || (m_new[1] - row_max[1]) * f > kRescaleSlack;
         bool const rescale = __any_sync(0xffffffffu, grow);
