@@ -62,6 +62,11 @@ struct Mainloop {
     static constexpr int kConsumerWGs = BM / 64;
     static constexpr int kQKSteps = D / 16;   // wgmma k16 steps of S = Q K^T
     static constexpr int kPVSteps = BN / 16;  // wgmma k16 steps of O += P V
+    // Descriptors as the step-0 descriptor plus a per-k16-step constant (SmemTile::k_major_step):
+    // +1.4% geomean at d = 128 (src/cells.rs). At d = 80 (32-byte swizzle, 5 panels) rebuilding
+    // each step's descriptor from the address measured 5-8% faster without a mask (512-16k) and
+    // 0-5% faster causal (H200, 2026-12-03, same-process A/B, two rounds), so d = 80 keeps it.
+    static constexpr bool kStepDescriptors = D != 80;
     static_assert(BN % 16 == 0 && BN >= 16 && BN <= 256, "BN is the N of Q.K^T (<= 256) and the K of P.V (k16 steps)");
     static_assert(kConsumerWGs >= 2 && kConsumerWGs <= kMaxConsumerWarpgroups,
                   "ping-pong needs 2 or 3 consumer warpgroups (BM = 128 or 192)");
@@ -200,25 +205,41 @@ struct Mainloop {
             uint32_t const k = sm.k_tile(stage);
             fence_operands(s);
             wgmma_fence();  // s was read by ordinary instructions (the previous softmax)
-            uint64_t const q_desc = QSlab::desc_k_major(q, 0, 0);
-            uint64_t const k_desc = KVTile::desc_k_major(k, 0, 0);
+            if constexpr (kStepDescriptors) {
+                uint64_t const q_desc = QSlab::desc_k_major(q, 0, 0);
+                uint64_t const k_desc = KVTile::desc_k_major(k, 0, 0);
 #pragma unroll
-            for (int ks = 0; ks < kQKSteps; ++ks) {
-                WgmmaSS<T, BN>::mma(s, q_desc + QSlab::k_major_step(ks), k_desc + KVTile::k_major_step(ks),
-                                    ks > 0 ? 1u : 0u);
+                for (int ks = 0; ks < kQKSteps; ++ks) {
+                    WgmmaSS<T, BN>::mma(s, q_desc + QSlab::k_major_step(ks), k_desc + KVTile::k_major_step(ks),
+                                        ks > 0 ? 1u : 0u);
+                }
+            } else {
+#pragma unroll
+                for (int ks = 0; ks < kQKSteps; ++ks) {
+                    WgmmaSS<T, BN>::mma(s, QSlab::desc_k_major(q, 0, ks), KVTile::desc_k_major(k, 0, ks),
+                                        ks > 0 ? 1u : 0u);
+                }
             }
             wgmma_commit();
         }
 
         __device__ __forceinline__ void issue_pv(float (&o)[D / 2], uint32_t (&pf)[kPVSteps][4], const Smem& sm,
                                                  int stage) const {
-            uint64_t const v_desc = KVTile::desc_mn_major(sm.v_tile(stage), 0);
+            uint32_t const v = sm.v_tile(stage);
             fence_operands(o);
             fence_operands(pf);
             wgmma_fence();  // o was rescaled and pf converted by ordinary instructions
+            if constexpr (kStepDescriptors) {
+                uint64_t const v_desc = KVTile::desc_mn_major(v, 0);
 #pragma unroll
-            for (int ks = 0; ks < kPVSteps; ++ks) {
-                WgmmaRSTransB<T, D>::mma(o, pf[ks], v_desc + KVTile::mn_major_step(ks), 1u);
+                for (int ks = 0; ks < kPVSteps; ++ks) {
+                    WgmmaRSTransB<T, D>::mma(o, pf[ks], v_desc + KVTile::mn_major_step(ks), 1u);
+                }
+            } else {
+#pragma unroll
+                for (int ks = 0; ks < kPVSteps; ++ks) {
+                    WgmmaRSTransB<T, D>::mma(o, pf[ks], KVTile::desc_mn_major(v, ks), 1u);
+                }
             }
             wgmma_commit();
         }
