@@ -13,8 +13,18 @@ use std::sync::Arc;
 /// Most parts one [`merge_states`] call takes (`kMaxMergeParts` in csrc/merge/params.h).
 pub const MAX_MERGE_PARTS: usize = 16;
 
-/// Rows (one warp each) per thread block (`kMergeRowsPerBlock` in csrc/merge/merge.cuh).
-const ROWS_PER_BLOCK: usize = 8;
+/// Warps per thread block (`kMergeWarpsPerBlock` in csrc/merge/merge.cuh).
+const WARPS_PER_BLOCK: usize = 8;
+
+/// Rows one warp merges: 32 / the lanes per row, the smallest power of two >= head_dim / 8 (at
+/// most 32); `lanes_per_row` in csrc/merge/merge.cuh.
+fn rows_per_warp(head_dim: usize) -> usize {
+    let mut lanes = 1;
+    while lanes < 32 && lanes * 8 < head_dim {
+        lanes *= 2;
+    }
+    32 / lanes
+}
 
 /// One partial attention result: its output and its LSE.
 pub struct AttnState<'a, T> {
@@ -146,12 +156,13 @@ pub fn merge_states<T: AttnElement>(
             value: usize::MAX,
             limit: i64::MAX as usize,
         })?;
-    let blocks = rows.div_ceil(ROWS_PER_BLOCK);
+    let rows_per_block = WARPS_PER_BLOCK * rows_per_warp(shape.head_dim);
+    let blocks = rows.div_ceil(rows_per_block);
     if blocks > i32::MAX as usize {
         return Err(Error::TooLarge {
             what: "batch * seqlen * heads",
             value: rows,
-            limit: i32::MAX as usize * ROWS_PER_BLOCK,
+            limit: i32::MAX as usize * rows_per_block,
         });
     }
     let lse_len = rows;
@@ -246,7 +257,7 @@ pub fn merge_states<T: AttnElement>(
 
     let geom = Geometry {
         grid: (blocks as u32, 1, 1),
-        block: (32 * ROWS_PER_BLOCK) as u32,
+        block: (32 * WARPS_PER_BLOCK) as u32,
         smem_bytes: 0,
     };
     let mut args = [&mut params as *mut MergeParams as *mut c_void];

@@ -13,12 +13,14 @@
 //   extern "C" __global__ void NAME(const MergeParams p)
 //
 // Launch contract
-//   grid  (ceil(batch * seqlen * heads / kMergeRowsPerBlock), 1, 1)
-//   block (32 * kMergeRowsPerBlock, 1, 1); no shared memory.
-//   Warp w of block x merges row r = x * kMergeRowsPerBlock + w, with r = ((b * seqlen) + s) *
-//   heads + h: consecutive warps take consecutive heads of one query, which are adjacent in the
-//   usual (b, s, h, d) storage. Lane l handles the 8-element chunks l, l + 32, ... of the head
-//   dim with 16-byte loads and stores (the host checks 16-byte alignment, head_dim % 8 == 0).
+//   grid  (ceil(batch * seqlen * heads / (kMergeWarpsPerBlock * rows_per_warp(head_dim))), 1, 1)
+//   block (32 * kMergeWarpsPerBlock, 1, 1); no shared memory.
+//   A row (one query, one head) is merged by L = lanes_per_row(head_dim) lanes: the smallest
+//   power of two >= head_dim / 8, at most 32, so a warp takes 32 / L rows and (almost) no lane
+//   idles at d <= 128. Row r = ((b * seqlen) + s) * heads + h: consecutive lanes groups and warps
+//   take consecutive heads of one query, adjacent in the usual (b, s, h, d) storage. Lane l of a
+//   row handles the 8-element chunks l, l + L, ... of the head dim with 16-byte loads and stores
+//   (the host checks 16-byte alignment, head_dim % 8 == 0). src/merge.rs mirrors both formulas.
 //   LSE_i, LSE (fp32, natural log) are (batch, heads, seqlen) contiguous: element
 //   (b * heads + h) * seqlen + s. A varlen tensor is batch 1, seqlen = total tokens, so its
 //   (heads, total) LSE is the same formula.
@@ -34,7 +36,13 @@
 
 namespace fa::merge {
 
-inline constexpr int kMergeRowsPerBlock = 8;
+inline constexpr int kMergeWarpsPerBlock = 8;
+
+__device__ __forceinline__ int lanes_per_row(int64_t head_dim) {
+    int l = 1;
+    while (l < 32 && l * 8 < head_dim) l *= 2;
+    return l;
+}
 
 __device__ __forceinline__ float2 to_float2(uint32_t packed, __half) {
     return __half22float2(*reinterpret_cast<const __half2*>(&packed));
@@ -54,8 +62,11 @@ __device__ __forceinline__ uint32_t from_float2(float a, float b, __nv_bfloat16)
 template <typename T>
 __device__ void merge_row(const MergeParams& p) {
     int const warp = static_cast<int>(threadIdx.x) / 32;
-    int const lane = static_cast<int>(threadIdx.x) % 32;
-    int64_t const row = static_cast<int64_t>(blockIdx.x) * kMergeRowsPerBlock + warp;
+    int const lanes = lanes_per_row(p.head_dim);
+    int const rows_per_warp = 32 / lanes;
+    int const lane = static_cast<int>(threadIdx.x) % 32 % lanes;
+    int64_t const row = (static_cast<int64_t>(blockIdx.x) * kMergeWarpsPerBlock + warp) * rows_per_warp +
+                        static_cast<int>(threadIdx.x) % 32 / lanes;
     if (row >= p.batch * p.seqlen * p.heads) return;
     int64_t const h = row % p.heads;
     int64_t const bs = row / p.heads;
@@ -64,7 +75,7 @@ __device__ void merge_row(const MergeParams& p) {
     int64_t const lse_index = (b * p.heads + h) * p.seqlen + s;
     int const n = static_cast<int>(p.n_parts);
 
-    // Every lane reads the n LSEs (one 4-byte load each, broadcast within the warp).
+    // Every lane reads the n LSEs (one 4-byte load each, broadcast within the lane group).
     float lse[kMaxMergeParts];
     float m = -INFINITY;
 #pragma unroll
@@ -75,7 +86,7 @@ __device__ void merge_row(const MergeParams& p) {
     int64_t const chunks = p.head_dim / 8;
     int64_t const out_base = b * p.out_stride[0] + s * p.out_stride[1] + h * p.out_stride[2];
     if (m == -INFINITY) {
-        for (int64_t c = lane; c < chunks; c += 32) {
+        for (int64_t c = lane; c < chunks; c += lanes) {
             *reinterpret_cast<uint4*>(reinterpret_cast<T*>(p.out) + out_base + 8 * c) = make_uint4(0, 0, 0, 0);
         }
         if (lane == 0 && p.out_lse != nullptr) p.out_lse[lse_index] = -INFINITY;
@@ -91,7 +102,7 @@ __device__ void merge_row(const MergeParams& p) {
     }
     float const inv_z = 1.0f / z;
 
-    for (int64_t c = lane; c < chunks; c += 32) {
+    for (int64_t c = lane; c < chunks; c += lanes) {
         float acc[8];
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
@@ -121,7 +132,7 @@ __device__ void merge_row(const MergeParams& p) {
 }  // namespace fa::merge
 
 #define FA_MERGE_KERNEL(NAME, T)                                                            \
-    extern "C" __global__ void __launch_bounds__(32 * fa::merge::kMergeRowsPerBlock) NAME( \
+    extern "C" __global__ void __launch_bounds__(32 * fa::merge::kMergeWarpsPerBlock) NAME( \
         const MergeParams p) {                                                              \
         fa::merge::merge_row<T>(p);                                                         \
     }

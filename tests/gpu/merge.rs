@@ -336,6 +336,9 @@ pub fn tests(tests: &mut Vec<Test<Gpu>>) {
     tests.push(Test::new("merge::bf16::head_dim_512", |g| {
         check_random::<half::bf16>(g, 3, Layout::contiguous(1, 9, 3, 512), 5)
     }));
+    tests.push(Test::new("merge::f16::head_dim_96", |g| {
+        check_random::<half::f16>(g, 4, Layout::contiguous(2, 13, 7, 96), 7)
+    }));
     tests.push(Test::new("merge::bf16::head_dim_8", |g| {
         check_random::<half::bf16>(g, 3, Layout::contiguous(3, 11, 2, 8), 6)
     }));
