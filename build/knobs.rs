@@ -122,7 +122,7 @@ impl Knobs {
         self.families.contains(&cell.family)
             && self.dtypes.contains(&cell.dtype)
             && self.directions.contains(&cell.direction)
-            && (matches!(cell.family, Family::Reference | Family::Merge) || self.head_dims.contains(&cell.head_dim))
+            && (!cell.family.per_head_dim() || self.head_dims.contains(&cell.head_dim))
             && !self.targets_of(cell).is_empty()
     }
 }

@@ -1,7 +1,7 @@
 //! Finding nvcc, turning cells into nvcc jobs, and running them in parallel.
 
 use crate::cache;
-use crate::cells::{Cell, Family, Target};
+use crate::cells::{Cell, Target};
 use crate::knobs::Knobs;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -159,7 +159,7 @@ fn translation_unit(cell: &Cell) -> String {
     tu.push_str(&format!("#include \"{}\"\n", cell.source()));
     for tile in cell.tiles() {
         let symbol = cell.symbol(&tile);
-        if matches!(cell.family, Family::Reference | Family::Merge) {
+        if !cell.family.per_head_dim() {
             tu.push_str(&format!(
                 "{}({}, {})\n",
                 cell.instantiate_macro(),

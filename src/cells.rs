@@ -97,6 +97,12 @@ impl Family {
             Family::Merge => "merge",
         }
     }
+
+    /// Whether the family's cells are per head dim (fast kernels with compile-time tiles), or
+    /// generic over it (the reference and the merge: one kernel per dtype, `head_dim` 0).
+    pub const fn per_head_dim(self) -> bool {
+        matches!(self, Family::Sm80 | Family::Sm90)
+    }
 }
 
 /// Forward or backward pass.
@@ -134,7 +140,7 @@ pub struct Cell {
 impl Cell {
     /// The cell's key in the dispatch map, e.g. `sm80.fwd.bf16.hd128` or `ref.fwd.f16`.
     pub fn key(&self) -> String {
-        if matches!(self.family, Family::Reference | Family::Merge) {
+        if !self.family.per_head_dim() {
             format!("{}.{}.{}", self.family.tag(), self.direction.tag(), self.dtype.tag())
         } else {
             format!(

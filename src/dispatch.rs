@@ -454,7 +454,7 @@ pub(crate) fn not_compiled(cell: &Cell, arch: SmArch) -> Error {
         None => "the `ptx-jit` feature".to_string(),
     };
     let mut needs = vec![format!("FLASHATTN_AOT_FAMILIES including `{}`", cell.family.tag())];
-    if !matches!(cell.family, Family::Reference | Family::Merge) {
+    if cell.family.per_head_dim() {
         needs.push(format!("FLASHATTN_AOT_HEAD_DIMS including `{}`", cell.head_dim));
     }
     needs.push(format!("FLASHATTN_AOT_DTYPES including `{}`", cell.dtype.tag()));
