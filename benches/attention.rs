@@ -16,11 +16,16 @@
 //!
 //! `--merge` times `merge_states` instead (2-4 parts of (1, 16384, 32, 128) bf16) and prints the
 //! bytes it moves per second.
+//!
+//! `--paged` times `flash_fwd_paged` (head dim 128, 32 query / 8 KV heads, shuffled pages of 16,
+//! 64 and 256 slots) on decode steps (one query per sequence, batch 64) and causal prefill chunks
+//! (512 queries, batch 4), against `flash_fwd` on the same keys stored densely, with the same
+//! sm80-family kernel and with the default (sm90 on Hopper) one, in the same process.
 
 use cudarc::driver::sys::CUevent_flags;
 use flashattn_aot::{
-    AttnState, BwdOptions, BwdTensors, CausalAlign, Family, FwdOptions, FwdTensors, KernelOverride, Layout, Tensor,
-    TensorMut, flash_bwd, flash_fwd, merge_states, open_device,
+    AttnState, BwdOptions, BwdTensors, CausalAlign, Family, FwdOptions, FwdTensors, KernelOverride, Layout, PagedKv,
+    Tensor, TensorMut, flash_bwd, flash_fwd, flash_fwd_paged, merge_states, open_device,
 };
 use half::bf16;
 use std::io::Write;
@@ -37,6 +42,7 @@ struct Args {
     bwd: bool,
     deterministic: bool,
     merge: bool,
+    paged: bool,
 }
 
 fn args() -> Args {
@@ -52,6 +58,7 @@ fn args() -> Args {
         bwd: false,
         deterministic: false,
         merge: false,
+        paged: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -59,6 +66,7 @@ fn args() -> Args {
             "--quick" => a.quick = true,
             "--bwd" => a.bwd = true,
             "--merge" => a.merge = true,
+            "--paged" => a.paged = true,
             "--deterministic" => a.deterministic = true,
             "--family" => {
                 a.family = match it.next().as_deref() {
@@ -194,6 +202,79 @@ fn main() {
             });
             let bytes = ((n + 1) * max_elems * 2 + (n + 1) * rows_n * 4) as f64;
             println!("{n:>6} {ms:>9.3} {:>8.0}", bytes / ms / 1e6);
+        }
+        return;
+    }
+    if a.paged {
+        // Decode (sq = 1, batch 64) and causal prefill chunks (sq = 512, batch 4) over L cached
+        // keys per sequence. The pool is the dense K/V buffer seen as pages, so paged and dense
+        // calls read the same bytes; the block table is a fixed shuffle of the pages.
+        let (h, hk, d) = (32usize, 8usize, 128usize);
+        let cases: [(&str, usize, usize, usize); 4] = [
+            ("decode", 1, 64, 2048),
+            ("decode", 1, 64, 8192),
+            ("chunk", 512, 4, 4096),
+            ("chunk", 512, 4, 16384),
+        ];
+        let max_kv = cases.iter().map(|c| c.2 * c.3).max().unwrap() * hk * d;
+        let kbuf = stream.alloc_zeros::<bf16>(max_kv).unwrap();
+        let vbuf = stream.alloc_zeros::<bf16>(max_kv).unwrap();
+        println!(
+            "{:>6} {:>4} {:>5} {:>6} {:>5} {:>10} {:>10} {:>10} {:>7} {:>8}",
+            "what", "sq", "batch", "L", "page", "paged ms", "sm80 ms", "auto ms", "p/sm80", "KV GB/s"
+        );
+        for (what, sq, b, l) in cases {
+            let ql = Layout::contiguous(b, sq, h, d);
+            let dense = Layout::contiguous(b, l, hk, d);
+            let causal = FwdOptions::new().causal(CausalAlign::BottomRight);
+            let sm80 = causal.kernel_override(KernelOverride {
+                family: Some(Family::Sm80),
+                ..Default::default()
+            });
+            let mut run_dense = |opts: &FwdOptions<'_>| {
+                let t = FwdTensors {
+                    q: Tensor::new(&q, ql),
+                    k: Tensor::new(&kbuf, dense),
+                    v: Tensor::new(&vbuf, dense),
+                    out: TensorMut::new(&mut out, ql),
+                    lse: None,
+                };
+                flash_fwd(&stream, t, opts).unwrap();
+            };
+            let ms_sm80 = time_ms(&mut || run_dense(&sm80));
+            let ms_auto = time_ms(&mut || run_dense(&causal));
+            for page in [16usize, 64, 256] {
+                let pages_per_seq = l / page;
+                let num_pages = b * pages_per_seq;
+                let mut order: Vec<i32> = (0..num_pages as i32).collect();
+                let mut st = 0x2545_f491_4f6c_dd1du64;
+                for i in (1..num_pages).rev() {
+                    st ^= st << 13;
+                    st ^= st >> 7;
+                    st ^= st << 17;
+                    order.swap(i, (st % (i as u64 + 1)) as usize);
+                }
+                let lens = vec![l as i32; b];
+                let paged = PagedKv::new(&stream, &order, pages_per_seq, page, num_pages, &lens).unwrap();
+                let pool = Layout::contiguous(num_pages, page, hk, d);
+                let ms = time_ms(&mut || {
+                    let t = FwdTensors {
+                        q: Tensor::new(&q, ql),
+                        k: Tensor::new(&kbuf, pool),
+                        v: Tensor::new(&vbuf, pool),
+                        out: TensorMut::new(&mut out, ql),
+                        lse: None,
+                    };
+                    flash_fwd_paged(&stream, t, &paged, &causal).unwrap();
+                });
+                let kv_bytes = (2 * b * l * hk * d * 2) as f64;
+                println!(
+                    "{what:>6} {sq:>4} {b:>5} {l:>6} {page:>5} {ms:>10.4} {ms_sm80:>10.4} {ms_auto:>10.4} {:>7.3} {:>8.0}",
+                    ms / ms_sm80,
+                    kv_bytes / ms / 1e6
+                );
+                std::io::stdout().flush().ok();
+            }
         }
         return;
     }

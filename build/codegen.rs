@@ -79,11 +79,17 @@ pub fn write(out_dir: &Path, built: &[Built], knobs: &Knobs) {
             None => ("None".to_string(), 0),
         };
         let mut kernels = String::new();
-        for tile in b.cell.tiles() {
-            let symbol = b.cell.symbol(&tile);
+        let mut paged_kernels = String::new();
+        let dense = b.cell.tiles().into_iter().map(|t| (t, b.cell.symbol(&t), false));
+        let paged = b
+            .cell
+            .paged_tiles()
+            .into_iter()
+            .map(|t| (t, b.cell.paged_symbol(&t), true));
+        for (tile, symbol, is_paged) in dense.chain(paged) {
             let smem = b.cell.smem_bytes(&tile);
             write!(
-                kernels,
+                if is_paged { &mut paged_kernels } else { &mut kernels },
                 "KernelEntry {{ symbol: {symbol:?}, tile: Tile {{ block_m: {}, block_n: {}, warps: {}, stages: {} }}, smem_bytes: {smem} }}, ",
                 tile.block_m, tile.block_n, tile.warps, tile.stages
             )
@@ -105,7 +111,7 @@ pub fn write(out_dir: &Path, built: &[Built], knobs: &Knobs) {
         let targets: Vec<&str> = b.targets.iter().map(|t| target_expr(*t)).collect();
         writeln!(
             images,
-            "    CellImage {{ key: {:?}, cell: {}, fatbin: &FATBIN_{i}.0, ptx: {ptx_expr}, targets: &[{}], kernels: &[{kernels}] }},",
+            "    CellImage {{ key: {:?}, cell: {}, fatbin: &FATBIN_{i}.0, ptx: {ptx_expr}, targets: &[{}], kernels: &[{kernels}], paged_kernels: &[{paged_kernels}] }},",
             b.cell.key(),
             cell_expr(&b.cell),
             targets.join(", ")

@@ -191,6 +191,26 @@ impl Cell {
         }
     }
 
+    /// The tile variants compiled as paged-KV kernels in this cell's image (K/V read through a
+    /// block table; [`Cell::paged_symbol`]), most preferred first. Only the sm80-family forward
+    /// has them.
+    pub fn paged_tiles(&self) -> Vec<Tile> {
+        match (self.family, self.direction) {
+            (Family::Sm80, Direction::Fwd) => sm80_fwd_paged_tiles(self.head_dim).to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The kernel symbol of the paged-KV kernel of one tile variant: the dense symbol + `_paged`.
+    pub fn paged_symbol(&self, tile: &Tile) -> String {
+        format!("{}_paged", self.symbol(tile))
+    }
+
+    /// The macro in [`Cell::source`] that defines one paged-KV kernel of this cell.
+    pub const fn paged_instantiate_macro(&self) -> &'static str {
+        "FA_SM80_FWD_PAGED_KERNEL"
+    }
+
     /// The kernel symbol of one tile variant of this cell.
     pub fn symbol(&self, tile: &Tile) -> String {
         if self.family == Family::Reference {
@@ -431,6 +451,22 @@ pub const fn sm80_fwd_tiles(head_dim: u32) -> &'static [Tile] {
         192 => &[tile!(128, 64, 8, 2), tile!(64, 32, 4, 2)],
         256 => &[tile!(128, 64, 8, 2), tile!(64, 64, 4, 1)],
         _ => &[],
+    }
+}
+
+/// The sm80-family forward tiles that are also compiled as paged-KV kernels (the same kernel with
+/// a block-table K/V copy, `GmemToSmemTile::issue_paged`), most preferred first. Each list has a
+/// tile within 99 KB. The paged copy walks its rows rolled (one running page / slot pair), which
+/// keeps every one of these spill-free (nvcc 13.0 `-Xptxas -v`, bf16, sm_90 / sm_80 registers:
+/// d64 224 / 215, d80 224 / 226, d96 x3 251 / 248 and x2 250 / 247, d128 128 x 32 227 / 223,
+/// d192 240 / 240 and 234 / 230, d256 64 x 64 x 1 237 / 241). Left out because their paged copy
+/// spills: d128 128 x 64 (52 bytes on sm_80; 255 registers, no spill, on sm_90) and d256
+/// 128 x 64 x 8 warps (24 bytes on sm_90).
+pub const fn sm80_fwd_paged_tiles(head_dim: u32) -> &'static [Tile] {
+    match head_dim {
+        128 => &[tile!(128, 32, 4, 2)],
+        256 => &[tile!(64, 64, 4, 1)],
+        _ => sm80_fwd_tiles(head_dim),
     }
 }
 

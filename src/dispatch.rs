@@ -318,8 +318,8 @@ impl KernelRef {
 fn family_supports(family: Family, key: &DispatchKey, direction: Direction) -> bool {
     match family {
         Family::Reference | Family::Merge => false,
-        // The sm80 family: 16-bit forward and backward; no paged-KV kernels yet, no fp8 path.
-        Family::Sm80 => !key.paged && !key.dtype.is_fp8(),
+        // The sm80 family: 16-bit forward (dense, varlen, paged KV) and backward; no fp8 path.
+        Family::Sm80 => (!key.paged || direction == Direction::Fwd) && !key.dtype.is_fp8(),
         // The sm90 family: 16-bit forward, no paged KV yet.
         Family::Sm90 => !key.paged && !key.dtype.is_fp8() && direction == Direction::Fwd,
     }

@@ -128,6 +128,10 @@ pub enum Error {
     #[error("invalid sequence lengths: {0}")]
     InvalidSeqlens(String),
 
+    /// A paged KV cache's block table or key counts are malformed ([`crate::PagedKv::new`]).
+    #[error("invalid paged KV cache: {0}")]
+    InvalidBlockTable(String),
+
     /// A size does not fit the kernels' 32-bit indexing.
     #[error("{what} = {value} exceeds the kernels' limit {limit}")]
     TooLarge {

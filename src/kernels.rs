@@ -35,6 +35,9 @@ pub struct CellImage {
     pub targets: &'static [Target],
     /// Kernel symbols (tile variants), most preferred first.
     pub kernels: &'static [KernelEntry],
+    /// Paged-KV kernel symbols (tile variants reading K/V through a block table), most preferred
+    /// first; empty except in the sm80-family forward cells.
+    pub paged_kernels: &'static [KernelEntry],
 }
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));

@@ -75,6 +75,7 @@ mod fwd;
 mod kernels;
 mod merge;
 mod options;
+mod paged;
 mod params;
 pub mod reference;
 mod runtime;
@@ -92,6 +93,7 @@ pub use fwd::{FwdInfo, FwdTensors, flash_fwd, flash_fwd_varlen};
 pub use kernels::{BUILD_KNOBS, CellImage, KERNELS_BUILT, KernelEntry, MANIFEST_TSV};
 pub use merge::{AttnState, MAX_MERGE_PARTS, merge_states};
 pub use options::{Alibi, CausalAlign, FwdOptions, KernelOverride, Mask};
+pub use paged::{PagedKv, flash_fwd_paged};
 pub use runtime::{DeviceInfo, device_count, device_info, driver_present, open_device};
 pub use tensor::{AttnElement, Bf16, F16, GemmSupported, Layout, Tensor, TensorMut};
 #[cfg(feature = "fp8")]

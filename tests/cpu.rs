@@ -226,10 +226,25 @@ fn lookup_hits_every_compiled_fast_cell() {
 
 #[test]
 fn lookup_misses_are_typed() {
-    // Paged KV has no kernel family yet: a typed NoKernel, not a panic or a wrong kernel.
-    let mut k = key(SmArch::Sm80, DType::Bf16, 128);
-    k.paged = true;
-    assert!(matches!(lookup(&k), Err(Error::NoKernel { .. })));
+    // Paged KV: the sm80-family forward serves it (on sm_90 too, routed visibly from the sm90
+    // family, which has no paged kernels); the backward takes no paged cache.
+    for arch in [SmArch::Sm80, SmArch::Sm90a] {
+        let mut k = key(arch, DType::Bf16, 128);
+        k.paged = true;
+        match lookup(&k) {
+            Ok(r) => {
+                assert_eq!(r.cell().family, Family::Sm80);
+                assert!(!r.image.paged_kernels.is_empty());
+                assert_eq!(r.routed_from.is_some(), arch == SmArch::Sm90a);
+            }
+            Err(e) => assert!(matches!(e, Error::CellNotCompiled { .. }), "{e}"),
+        }
+        assert!(matches!(DISPATCH_TABLE.lookup_bwd(&k), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            DISPATCH_TABLE.lookup_family(&k, Direction::Fwd, Family::Sm90),
+            Err(Error::NoKernel { .. })
+        ));
+    }
     // Invalid keys are rejected before any lookup.
     assert!(matches!(
         lookup(&key(SmArch::Sm80, DType::Bf16, 72)),
@@ -287,13 +302,36 @@ fn strict_lookup_never_routes() {
 }
 
 #[test]
+fn paged_kernels_are_the_sm80_forward_tiles() {
+    for img in compiled_cells() {
+        let c = img.cell;
+        if c.family == Family::Sm80 && c.direction == Direction::Fwd {
+            assert_eq!(img.paged_kernels.len(), c.paged_tiles().len(), "{}", img.key);
+            assert!(
+                img.paged_kernels.iter().any(|k| k.smem_bytes <= 101_376),
+                "{}: no paged tile fits sm_86/89",
+                img.key
+            );
+            for (k, t) in img.paged_kernels.iter().zip(c.paged_tiles()) {
+                assert_eq!(k.symbol, c.paged_symbol(&t));
+                assert!(k.symbol.ends_with("_paged"));
+                assert_eq!(k.tile, t);
+                assert_eq!(k.smem_bytes, c.smem_bytes(&t));
+            }
+        } else {
+            assert!(img.paged_kernels.is_empty(), "{}", img.key);
+        }
+    }
+}
+
+#[test]
 fn manifest_lists_every_compiled_kernel() {
     let lines: Vec<&str> = MANIFEST_TSV.lines().collect();
     assert_eq!(
         lines[0],
         "cell\tsymbol\ttile\tsmem_bytes\ttargets\tfatbin_bytes\tptx_bytes"
     );
-    let symbols: usize = compiled_cells().map(|c| c.kernels.len()).sum();
+    let symbols: usize = compiled_cells().map(|c| c.kernels.len() + c.paged_kernels.len()).sum();
     assert_eq!(lines.len() - 1, symbols);
     for img in compiled_cells() {
         assert!(!img.fatbin.is_empty(), "{} has an empty fatbin", img.key);
@@ -303,7 +341,7 @@ fn manifest_lists_every_compiled_kernel() {
             "{} image is not 64-byte aligned",
             img.key
         );
-        for k in img.kernels {
+        for k in img.kernels.iter().chain(img.paged_kernels) {
             let line = lines.iter().find(|l| l.split('\t').nth(1) == Some(k.symbol));
             let line = line.unwrap_or_else(|| panic!("{} missing from the manifest", k.symbol));
             let cols: Vec<&str> = line.split('\t').collect();

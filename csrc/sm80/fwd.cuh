@@ -46,7 +46,9 @@
 //
 // Launch contract (src/fwd.rs): grid (ceil(p.seqlen_q / BM), p.num_heads, p.batch), block W * 32
 // threads, SMEM bytes of dynamic shared memory (= src/cells.rs sm80_fwd_smem_bytes), FaParams by
-// value. Paged K/V (FA_FLAG_PAGED) is not handled here.
+// value. Paged K/V (FA_FLAG_PAGED): the FA_SM80_FWD_PAGED_KERNEL instantiation of the same
+// kernel, whose K/V tile copy reads each key row through the block table (FwdTile,
+// GmemToSmemTile::issue_paged); queries and output stay dense.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -66,10 +68,10 @@ namespace fa {
 namespace sm80 {
 
 // T: __half or __nv_bfloat16. D: head dim. BM x BN: query rows x keys per step. W: warps.
-// S: K/V pipeline stages.
-template <class T, int D, int BM, int BN, int W, int S>
+// S: K/V pipeline stages. kPaged: K/V from a paged cache (FA_FLAG_PAGED, see FwdTile).
+template <class T, int D, int BM, int BN, int W, int S, bool kPaged = false>
 struct FwdKernel {
-    using Mainloop = FwdMainloop<T, D, BM, BN, W, S>;
+    using Mainloop = FwdMainloop<T, D, BM, BN, W, S, kPaged>;
     using Smem = typename Mainloop::Smem;
     static constexpr int kThreads = W * 32;
     static constexpr int kWarpRows = Mainloop::kWarpRows;
@@ -103,7 +105,7 @@ struct FwdKernel {
         {
             // Tile, mask and walk plan: published to smem (FwdWalkState) and dropped from registers,
             // which O and S need (up to ~190 of 255 at d = 128).
-            const FwdTile<T> tile = FwdTile<T>::make(p);
+            const FwdTile<T> tile = FwdTile<T>::template make<kPaged>(p);
             const int m_begin = tile.m_block * BM;
             // Uniform per block: varlen sequences shorter than the longest own fewer query blocks.
             if (m_begin >= tile.seqlen_q) return;
@@ -136,7 +138,7 @@ struct FwdKernel {
         ptx::cp_async_wait_all();
 
         // Epilogue. The tile's addresses are derived again rather than held across the walk.
-        const FwdTile<T> tile = FwdTile<T>::make(p);
+        const FwdTile<T> tile = FwdTile<T>::template make<kPaged>(p);
         const int m_begin = tile.m_block * BM;
         const int warp = ptx::thread_idx_x() / 32, lane = ptx::thread_idx_x() % 32;
         const int warp_row0 = warp * kWarpRows;  // the warp's first row in the block
@@ -162,4 +164,15 @@ struct FwdKernel {
         NAME(const FaParams p) {                                                                                  \
         extern __shared__ __align__(128) unsigned char fa_sm80_fwd_smem[];                                        \
         ::fa::sm80::FwdKernel<T, D, BM, BN, W, S>::run(p, fa_sm80_fwd_smem);                                      \
+    }
+
+// The paged-KV instantiation of the same tile (FwdKernel<..., kPaged = true>).
+#define FA_SM80_FWD_PAGED_KERNEL(NAME, T, D, BM, BN, W, S, SMEM)                                                 \
+    static_assert(::fa::sm80::FwdKernel<T, D, BM, BN, W, S, true>::kSmemBytes == (SMEM),                          \
+                  #NAME ": the kernel's smem layout and src/cells.rs sm80_fwd_smem_bytes disagree");              \
+    extern "C" __global__ void __launch_bounds__((W) * 32,                                                        \
+                                                 ::fa::sm80::FwdKernel<T, D, BM, BN, W, S, true>::kMinBlocksPerSm) \
+        NAME(const FaParams p) {                                                                                  \
+        extern __shared__ __align__(128) unsigned char fa_sm80_fwd_paged_smem[];                                  \
+        ::fa::sm80::FwdKernel<T, D, BM, BN, W, S, true>::run(p, fa_sm80_fwd_paged_smem);                          \
     }

@@ -34,7 +34,8 @@ struct PaddedRows {
 // src/cells.rs `sm80_fwd_smem_bytes` computes the same total: BM * pitch + 2 * S * BN * pitch.
 //
 // The 16-byte pad that ends each row is never touched by the tile copy, ldmatrix or the
-// epilogue; the pads of Q rows 0..3 hold the block's FwdWalkState (four 16-byte lines).
+// epilogue; the pads of Q rows 0..3 hold the block's FwdWalkState (four 16-byte lines; five for
+// the paged kernels' FwdPagedWalkState).
 template <class T, int D, int BM, int BN, int S>
 struct FwdSmem {
     static constexpr int kPitchBytes = PaddedRows<T, D>::kPitchBytes;
@@ -113,6 +114,45 @@ struct GmemToSmemTile {
                                         src + j * kThreadsPerRow * kElemsPerChunk, valid);
                 }
                 src_row += pass_stride;
+            }
+        }
+    }
+
+    // The same tile from a paged cache: tile row i is key row row0 + i of the sequence, stored in
+    // page pages[(row0 + i) / page_size] at slot (row0 + i) % page_size; `base` addresses slot 0
+    // of page 0 (this head), pages are page_stride elements apart, slots row_stride. Rows
+    // [rows_valid, ROWS) are zero-filled without reading their page entry. One division per call;
+    // the thread's later rows (kRowsPerPass apart) advance the page and slot incrementally.
+    template <bool kAllRowsValid = false>
+    __device__ __forceinline__ static void issue_paged(uint32_t smem_tile, const T* base, int64_t row_stride,
+                                                       int64_t page_stride, const int32_t* pages, int page_size,
+                                                       int row0, int rows_valid, int tid) {
+        const int row = tid / kThreadsPerRow;
+        const int col_chunk = tid % kThreadsPerRow;
+        const uint32_t smem_thread = smem_tile + row * kPitchBytes + col_chunk * 16;
+        const T* base_thread = base + col_chunk * kElemsPerChunk;
+        const int rows_left = rows_valid - row;
+        int page = (row0 + row) / page_size;
+        int slot = (row0 + row) - page * page_size;
+        // Rolled over passes: one running (page, slot) pair instead of kPasses live addresses.
+#pragma unroll 1
+        for (int i = 0; i < kPasses; ++i) {
+            const bool valid = kAllRowsValid || i * kRowsPerPass < rows_left;
+            // The unread source of a zero-filled row: slot 0 of page 0, inside the pool.
+            const T* src_row = base_thread;
+            if (valid) {
+                src_row = base_thread + static_cast<int64_t>(__ldg(pages + page)) * page_stride +
+                          static_cast<int64_t>(slot) * row_stride;
+            }
+#pragma unroll
+            for (int j = 0; j < kChunksPerThreadRow; ++j) {
+                ptx::cp_async_cg_16(smem_thread + i * kRowsPerPass * kPitchBytes + j * kThreadsPerRow * 16,
+                                    src_row + j * kThreadsPerRow * kElemsPerChunk, valid);
+            }
+            slot += kRowsPerPass;
+            while (slot >= page_size) {  // once per page boundary (pages of fewer slots: more)
+                slot -= page_size;
+                ++page;
             }
         }
     }
@@ -292,6 +332,24 @@ struct FwdWalkState {
     }
 };
 
+// The walk state of a paged-KV kernel: the dense one (k / v = slot 0 of page 0 of the head) plus
+// the sequence's block-table row, padded to whole 16-byte lines (five Q row pads).
+template <class T>
+struct FwdPagedWalkState : FwdWalkState<T> {
+    const int32_t* pages;
+    int64_t unused;
+
+    template <int BN>
+    __device__ __forceinline__ static FwdPagedWalkState make(const FaParams& p, const FwdTile<T>& tile, int m_begin,
+                                                             int rows_valid) {
+        FwdPagedWalkState st;
+        static_cast<FwdWalkState<T>&>(st) = FwdWalkState<T>::template make<BN>(p, tile, m_begin, rows_valid);
+        st.pages = tile.pages;
+        st.unused = 0;
+        return st;
+    }
+};
+
 // The forward main loop of one thread block: W warps, each owning BM / W query rows (split-Q, no
 // cross-warp reduction), walking the KV blocks of a FwdKvPlan through an S-stage cp.async ring.
 //
@@ -305,7 +363,7 @@ struct FwdWalkState {
 // S = 1 (one K and one V buffer, FlashAttention-2's scheme; see step_single_stage):
 //   prologue: group 0 = Q + K of step 0.
 //   step t:   wait, barrier, issue V(t); S = Q K^T; wait, barrier, issue K(t+1); softmax, P V.
-template <class T, int D, int BM, int BN, int W, int S>
+template <class T, int D, int BM, int BN, int W, int S, bool kPaged = false>
 struct FwdMainloop {
     static constexpr int kThreads = W * 32;
     static constexpr int kWarpRows = BM / W;
@@ -316,9 +374,11 @@ struct FwdMainloop {
     static constexpr int kPitch = Smem::kPitchBytes;
     using QCopy = GmemToSmemTile<T, BM, D, kThreads>;
     using Lane = LdmatrixLane<kPitch>;
-    using State = FwdWalkState<T>;
+    using State = std::conditional_t<kPaged, FwdPagedWalkState<T>, FwdWalkState<T>>;
+    static constexpr int kStateLines = static_cast<int>(sizeof(State)) / 16;
     static_assert(S >= 1, "one K/V stage at least (S = 1: step_single_stage, S >= 2: step_ring)");
-    static_assert(sizeof(State) == 16 * Smem::kStateLines, "the walk state fills exactly its smem lines");
+    static_assert(sizeof(State) % 16 == 0 && kStateLines >= Smem::kStateLines && BM >= kStateLines,
+                  "the walk state fills whole 16-byte Q row pads");
 
     // Registers of O plus the scores of a whole block, the per-thread peak of a step.
     static constexpr int kOAndSRegs = kMT * kDT * 4 + kMT * kNT * 4;
@@ -423,17 +483,17 @@ struct FwdMainloop {
     }
     // One thread writes; the first step's barrier publishes it.
     __device__ __forceinline__ void store_state(const State& st) const {
-        uint4 lines[Smem::kStateLines];
+        uint4 lines[kStateLines];
         memcpy(lines, &st, sizeof(State));
 #pragma unroll
-        for (int i = 0; i < Smem::kStateLines; ++i) *state_line(i) = lines[i];
+        for (int i = 0; i < kStateLines; ++i) *state_line(i) = lines[i];
     }
     // Plain loads: the compiler drops the lines a step does not use, and cannot hoist them out
     // of the loop past its barrier.
     __device__ __forceinline__ State load_state() const {
-        uint4 lines[Smem::kStateLines];
+        uint4 lines[kStateLines];
 #pragma unroll
-        for (int i = 0; i < Smem::kStateLines; ++i) lines[i] = *state_line(i);
+        for (int i = 0; i < kStateLines; ++i) lines[i] = *state_line(i);
         State st;
         memcpy(&st, lines, sizeof(State));
         return st;
@@ -442,9 +502,9 @@ struct FwdMainloop {
     // load_state through volatile shared loads: read where it stands (after a step's first
     // MMAs), never merged with the step's first read, so that the state is not held across them.
     __device__ __forceinline__ State load_state_fresh() const {
-        uint4 lines[Smem::kStateLines];
+        uint4 lines[kStateLines];
 #pragma unroll
-        for (int i = 0; i < Smem::kStateLines; ++i) {
+        for (int i = 0; i < kStateLines; ++i) {
             lines[i] = ptx::ld_shared_v4_b32(smem_base() + Smem::kStateOffset + i * kPitch);
         }
         State st;
@@ -456,17 +516,29 @@ struct FwdMainloop {
     // keep P V finite where P is 0). kFullBlock: the caller knows the block holds BN keys.
     template <bool kFullBlock>
     __device__ __forceinline__ void load_k(const State& st, int n_block, int stage) const {
-        const int64_t row0 = static_cast<int64_t>(n_block) * BN;
         const uint32_t stage_offset = static_cast<uint32_t>(stage) * Smem::kKvStageBytes;
-        KvCopy::template issue<kFullBlock>(smem_base() + Smem::kKOffset + stage_offset, st.k + row0 * p.k_row_stride,
-                                           p.k_row_stride, st.mask.seqlen_k - n_block * BN, ptx::thread_idx_x());
+        if constexpr (kPaged) {
+            KvCopy::template issue_paged<kFullBlock>(smem_base() + Smem::kKOffset + stage_offset, st.k, p.k_row_stride,
+                                                     p.k_batch_stride, st.pages, p.page_size, n_block * BN,
+                                                     st.mask.seqlen_k - n_block * BN, ptx::thread_idx_x());
+        } else {
+            KvCopy::template issue<kFullBlock>(smem_base() + Smem::kKOffset + stage_offset,
+                                               st.k + static_cast<int64_t>(n_block) * BN * p.k_row_stride, p.k_row_stride,
+                                               st.mask.seqlen_k - n_block * BN, ptx::thread_idx_x());
+        }
     }
     template <bool kFullBlock>
     __device__ __forceinline__ void load_v(const State& st, int n_block, int stage) const {
-        const int64_t row0 = static_cast<int64_t>(n_block) * BN;
         const uint32_t stage_offset = static_cast<uint32_t>(stage) * Smem::kKvStageBytes;
-        KvCopy::template issue<kFullBlock>(smem_base() + Smem::kVOffset + stage_offset, st.v + row0 * p.v_row_stride,
-                                           p.v_row_stride, st.mask.seqlen_k - n_block * BN, ptx::thread_idx_x());
+        if constexpr (kPaged) {
+            KvCopy::template issue_paged<kFullBlock>(smem_base() + Smem::kVOffset + stage_offset, st.v, p.v_row_stride,
+                                                     p.v_batch_stride, st.pages, p.page_size, n_block * BN,
+                                                     st.mask.seqlen_k - n_block * BN, ptx::thread_idx_x());
+        } else {
+            KvCopy::template issue<kFullBlock>(smem_base() + Smem::kVOffset + stage_offset,
+                                               st.v + static_cast<int64_t>(n_block) * BN * p.v_row_stride, p.v_row_stride,
+                                               st.mask.seqlen_k - n_block * BN, ptx::thread_idx_x());
+        }
     }
     template <bool kFullBlock>
     __device__ __forceinline__ void load_kv(const State& st, int n_block, int stage) const {

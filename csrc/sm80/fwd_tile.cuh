@@ -24,6 +24,10 @@ struct FwdTile {
     const T* v;              // [sk, d]     row stride p.v_row_stride
     T* o;                    // [sq, d]     row stride p.o_row_stride
     float* lse;              // [sq] contiguous, or null when LSE is not wanted
+    // Paged K/V (kPaged): this sequence's row of the block table, and k / v address slot 0 of
+    // page 0 of head_k (key row r lives in page pages[r / p.page_size], slot r % p.page_size;
+    // pages are p.k_batch_stride / p.v_batch_stride elements apart). Null otherwise.
+    const int32_t* pages;
 
     // Thread blocks per scheduling section of a right-bounded (causal) grid; see make().
     static constexpr int kSectionBlocks = 512;
@@ -49,6 +53,10 @@ struct FwdTile {
     //
     // The block indices are re-read at each call (ptx::block_idx_*), so a kernel may call this
     // again after its main loop instead of holding the pointers in registers across it.
+    //
+    // kPaged: K/V come from a paged cache (FA_FLAG_PAGED; queries dense): the key count of a
+    // sequence is seqused_k[b] (the host always sets it), and k / v are the pool's head bases.
+    template <bool kPaged = false>
     __device__ __forceinline__ static FwdTile make(const FaParams& p) {
         FwdTile t;
         if (p.window_right >= 0) {
@@ -76,7 +84,7 @@ struct FwdTile {
         }
         t.head_k = t.head / (p.num_heads / p.num_heads_k);
 
-        const bool varlen = (p.flags & FA_FLAG_VARLEN) != 0;
+        const bool varlen = !kPaged && (p.flags & FA_FLAG_VARLEN) != 0;
         int64_t q_row0 = 0, k_row0 = 0;  // global row of this sequence's first row (varlen)
         if (varlen) {
             q_row0 = p.cu_seqlens_q[t.batch];
@@ -92,8 +100,15 @@ struct FwdTile {
         // Varlen rows are global (the batch stride is unused); dense rows are per batch.
         const int64_t b = varlen ? 0 : t.batch;
         t.q = static_cast<const T*>(p.q) + b * p.q_batch_stride + q_row0 * p.q_row_stride + t.head * p.q_head_stride;
-        t.k = static_cast<const T*>(p.k) + b * p.k_batch_stride + k_row0 * p.k_row_stride + t.head_k * p.k_head_stride;
-        t.v = static_cast<const T*>(p.v) + b * p.v_batch_stride + k_row0 * p.v_row_stride + t.head_k * p.v_head_stride;
+        if constexpr (kPaged) {
+            t.k = static_cast<const T*>(p.k) + t.head_k * p.k_head_stride;
+            t.v = static_cast<const T*>(p.v) + t.head_k * p.v_head_stride;
+            t.pages = p.block_table + static_cast<int64_t>(t.batch) * p.block_table_batch_stride;
+        } else {
+            t.k = static_cast<const T*>(p.k) + b * p.k_batch_stride + k_row0 * p.k_row_stride + t.head_k * p.k_head_stride;
+            t.v = static_cast<const T*>(p.v) + b * p.v_batch_stride + k_row0 * p.v_row_stride + t.head_k * p.v_head_stride;
+            t.pages = nullptr;
+        }
         t.o = static_cast<T*>(p.o) + b * p.o_batch_stride + q_row0 * p.o_row_stride + t.head * p.o_head_stride;
         t.lse = nullptr;
         if (p.lse != nullptr) {

@@ -12,6 +12,7 @@ mod bwd;
 mod errors;
 mod harness;
 mod merge;
+mod paged;
 mod support;
 
 use flashattn_aot::{CausalAlign, Cell, DType, Direction, Family, KernelOverride, Mask, compiled_cells};
@@ -371,5 +372,6 @@ fn main() {
     errors::tests(&mut tests);
     bwd::tests(&mut tests);
     merge::tests(&mut tests);
+    paged::tests(&mut tests);
     harness::run(tests, support::setup);
 }

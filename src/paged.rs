@@ -1,0 +1,332 @@
+//! The paged-KV forward: `flash_fwd_paged` over a block table ([`PagedKv`]).
+//!
+//! K and V live in a pool of pages `(num_pages, page_size, heads_k, head_dim)` (a [`Layout`] with
+//! `batch = num_pages`, `seqlen = page_size`; any strides, last dim contiguous). Sequence `b`'s
+//! key row `r` is slot `r % page_size` of page `block_table[b][r / page_size]`; it has
+//! `seqlens_k[b]` keys. Queries and output are dense `(batch, seqlen_q, heads, head_dim)`. Any
+//! page size from 1 up is accepted (vLLM uses 16, FlashInfer any, FlashAttention multiples of
+//! 256 for its older kernels).
+//!
+//! The kernels are the sm80-family forward's, instantiated with a K/V tile copy that reads each
+//! key row's page from the block table (`GmemToSmemTile::issue_paged` in
+//! `csrc/sm80/fwd_mainloop.cuh`); every mask, score modifier, GQA ratio and the LSE output work
+//! as in [`crate::flash_fwd`], with `seqlen_k = seqlens_k[b]` per sequence (so bottom-right causal
+//! alignment puts the last query at the last cached key, as a decode step expects). On sm_90 the
+//! request is routed to the sm80 family (visible in [`FwdInfo::routed_from`]).
+//!
+//! Not here yet: varlen queries over a paged cache, a split-KV decode kernel (the LSE output and
+//! [`crate::merge_states`] let a caller split the key range over several calls meanwhile).
+
+use crate::cells::{Direction, HEAD_DIMS};
+use crate::dispatch::DISPATCH_TABLE;
+use crate::error::{Error, Result};
+use crate::fwd::{
+    Dims, FwdInfo, FwdTensors, Impl, Pointers, Span, check_alignment, check_buffer, check_device, check_disjoint,
+    check_shapes, fill_params, prepare_options,
+};
+use crate::kernels::KernelEntry;
+use crate::options::FwdOptions;
+use crate::params::{FLAG_PAGED, FaParams};
+use crate::runtime::{self, Geometry};
+use crate::tensor::{AttnElement, Layout};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use std::ffi::c_void;
+use std::sync::Arc;
+
+/// A paged KV cache's block table and per-sequence key counts, checked on the host and uploaded
+/// by the crate, so the kernels can trust them: no key row a sequence uses reaches outside the
+/// page pool.
+///
+/// `block_table` is int32 `(batch, max_pages_per_seq)` row-major; the first
+/// `ceil(seqlens_k[b] / page_size)` entries of row `b` must name pages in `0..num_pages`; the
+/// entries after them are never read (any value, e.g. -1 padding, is accepted). Pages may be
+/// shared between sequences (prefix caching).
+#[derive(Debug)]
+pub struct PagedKv {
+    pub(crate) block_table: CudaSlice<i32>,
+    pub(crate) seqlens_k: CudaSlice<i32>,
+    batch: usize,
+    max_pages_per_seq: usize,
+    page_size: usize,
+    num_pages: usize,
+    max_seqlen_k: usize,
+}
+
+impl PagedKv {
+    /// Validates and uploads a block table and the key count of each sequence
+    /// (`seqlens_k.len()` is the batch).
+    pub fn new(
+        stream: &Arc<CudaStream>,
+        block_table: &[i32],
+        max_pages_per_seq: usize,
+        page_size: usize,
+        num_pages: usize,
+        seqlens_k: &[i32],
+    ) -> Result<Self> {
+        runtime::ensure_driver()?;
+        let batch = seqlens_k.len();
+        let bad = |msg: String| Err(Error::InvalidBlockTable(msg));
+        if batch == 0 {
+            return bad("seqlens_k is empty: the batch needs at least one sequence".into());
+        }
+        if page_size == 0 || num_pages == 0 || max_pages_per_seq == 0 {
+            return bad(format!(
+                "page_size ({page_size}), num_pages ({num_pages}) and max_pages_per_seq ({max_pages_per_seq}) must \
+                 be >= 1"
+            ));
+        }
+        if block_table.len() != batch * max_pages_per_seq {
+            return bad(format!(
+                "block_table has {} entries, expected batch {batch} x max_pages_per_seq {max_pages_per_seq}",
+                block_table.len()
+            ));
+        }
+        let capacity = max_pages_per_seq
+            .checked_mul(page_size)
+            .filter(|&c| c <= i32::MAX as usize);
+        let Some(capacity) = capacity else {
+            return Err(Error::TooLarge {
+                what: "max_pages_per_seq * page_size",
+                value: max_pages_per_seq.saturating_mul(page_size),
+                limit: i32::MAX as usize,
+            });
+        };
+        if num_pages > i32::MAX as usize {
+            return Err(Error::TooLarge {
+                what: "num_pages",
+                value: num_pages,
+                limit: i32::MAX as usize,
+            });
+        }
+        let mut max_seqlen_k = 0;
+        for (b, &len) in seqlens_k.iter().enumerate() {
+            if len < 0 || len as usize > capacity {
+                return bad(format!(
+                    "seqlens_k[{b}] = {len} is outside 0..={capacity} (max_pages_per_seq x page_size)"
+                ));
+            }
+            let used_pages = (len as usize).div_ceil(page_size);
+            let row = &block_table[b * max_pages_per_seq..b * max_pages_per_seq + used_pages];
+            if let Some((i, &page)) = row.iter().enumerate().find(|&(_, &p)| p < 0 || p as usize >= num_pages) {
+                return bad(format!(
+                    "block_table[{b}][{i}] = {page} is outside 0..{num_pages} (sequence {b} uses {used_pages} pages)"
+                ));
+            }
+            max_seqlen_k = max_seqlen_k.max(len as usize);
+        }
+        let up = |v: &[i32], what: &'static str| stream.clone_htod(v).map_err(Error::driver(what));
+        Ok(PagedKv {
+            block_table: up(block_table, "uploading the block table")?,
+            seqlens_k: up(seqlens_k, "uploading seqlens_k")?,
+            batch,
+            max_pages_per_seq,
+            page_size,
+            num_pages,
+            max_seqlen_k,
+        })
+    }
+
+    /// Number of sequences.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Slots per page.
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    /// Pages in the pool the table indexes.
+    pub fn num_pages(&self) -> usize {
+        self.num_pages
+    }
+
+    /// Entries per block-table row.
+    pub fn max_pages_per_seq(&self) -> usize {
+        self.max_pages_per_seq
+    }
+
+    /// The longest sequence's key count.
+    pub fn max_seqlen_k(&self) -> usize {
+        self.max_seqlen_k
+    }
+}
+
+/// Attention forward over a paged KV cache: dense queries `t.q` `(batch, seqlen_q, heads,
+/// head_dim)`, K and V pools `t.k` / `t.v` `(num_pages, page_size, heads_k, head_dim)` addressed
+/// through `paged` (see the module docs). Writes `t.out` (like `q`) and `t.lse` (`(batch, heads,
+/// seqlen_q)`) when given. Everything is checked first; on error nothing is launched.
+///
+/// `opts.kernel_override.variant` indexes [`crate::CellImage::paged_kernels`].
+pub fn flash_fwd_paged<T: AttnElement>(
+    stream: &Arc<CudaStream>,
+    t: FwdTensors<'_, T>,
+    paged: &PagedKv,
+    opts: &FwdOptions<'_>,
+) -> Result<FwdInfo> {
+    runtime::ensure_driver()?;
+    let FwdTensors { q, k, v, out, lse } = t;
+    let d = q.layout.head_dim;
+    // The pool: (num_pages, page_size, heads_k, d), v like k.
+    for (name, l) in [("k", &k.layout), ("v", &v.layout)] {
+        if (l.batch, l.seqlen) != (paged.num_pages, paged.page_size) {
+            return Err(Error::ShapeMismatch(format!(
+                "paged {name} is ({}, {}, {}, {}) but the block table has {} pages of {} slots",
+                l.batch, l.seqlen, l.heads, l.head_dim, paged.num_pages, paged.page_size
+            )));
+        }
+    }
+    if q.layout.batch != paged.batch {
+        return Err(Error::ShapeMismatch(format!(
+            "batch of q ({}) and of the block table ({}) differ",
+            q.layout.batch, paged.batch
+        )));
+    }
+    // Every other rule of the dense forward, on the sequences as the kernel sees them: `batch`
+    // sequences of up to max_pages_per_seq * page_size keys.
+    let capacity = paged.max_pages_per_seq * paged.page_size;
+    let logical = |l: &Layout| Layout::contiguous(paged.batch, capacity, l.heads, l.head_dim);
+    let mut dims: Dims = check_shapes(
+        &q.layout,
+        &logical(&k.layout),
+        &logical(&v.layout),
+        &out.layout,
+        None,
+        Impl::Flash,
+    )?;
+    dims.seqlen_k = paged.max_seqlen_k;
+    debug_assert!(HEAD_DIMS.contains(&(d as u32)));
+    let prep = prepare_options(opts, &dims, None, stream)?;
+
+    let elem = std::mem::size_of::<T>() as u64;
+    check_buffer::<T>("q", q.data.len(), &q.layout)?;
+    check_buffer::<T>("k", k.data.len(), &k.layout)?;
+    check_buffer::<T>("v", v.data.len(), &v.layout)?;
+    check_buffer::<T>("out", out.data.len(), &out.layout)?;
+    let lse_len = dims.heads * dims.total_q;
+    if let Some(l) = &lse {
+        if l.len() < lse_len {
+            return Err(Error::BufferTooSmall {
+                tensor: "lse",
+                needed: lse_len,
+                len: l.len(),
+            });
+        }
+        check_device("lse", l.stream(), stream)?;
+    }
+    check_device("q", q.data.stream(), stream)?;
+    check_device("k", k.data.stream(), stream)?;
+    check_device("v", v.data.stream(), stream)?;
+    check_device("out", out.data.stream(), stream)?;
+    check_device("block table", paged.block_table.stream(), stream)?;
+
+    // Kernel: the key says `paged`, which only the sm80 family serves (routing is visible).
+    let info = runtime::device_info(stream)?;
+    let mut key = prep.dispatch_key(info.arch, T::DTYPE, &dims, false);
+    key.paged = true;
+    key.validate_paged()?;
+    let ov = opts.kernel_override;
+    let kref = match ov.family {
+        Some(family) => DISPATCH_TABLE.lookup_family(&key, Direction::Fwd, family)?,
+        None => DISPATCH_TABLE.lookup(&key)?,
+    };
+    let jit_ptx = kref.jit_ptx || ov.force_ptx;
+    if jit_ptx && kref.image.ptx.is_none() {
+        return Err(Error::CellNotCompiled {
+            cell: kref.key().to_string(),
+            knobs: crate::kernels::BUILD_KNOBS,
+            hint: "its compute_80 PTX image is needed; build with the `ptx-jit` feature".into(),
+        });
+    }
+    let smem_limit = ov
+        .smem_limit
+        .map_or(info.max_smem_optin, |l| l.min(info.max_smem_optin));
+    let kernels: &'static [KernelEntry] = kref.image.paged_kernels;
+    let entry = match ov.variant {
+        Some(i) => kernels.get(i).filter(|k| k.smem_bytes <= smem_limit),
+        None => kernels.iter().find(|k| k.smem_bytes <= smem_limit),
+    }
+    .ok_or_else(|| Error::NoKernel {
+        what: match ov.variant {
+            Some(i) => format!(
+                "{}: paged tile variant {i} does not exist or does not fit {smem_limit} bytes",
+                kref.key()
+            ),
+            None => format!(
+                "{}: no paged-KV tile variant fits {smem_limit} bytes of shared memory",
+                kref.key()
+            ),
+        },
+    })?;
+    let geom = Geometry {
+        grid: (
+            dims.seqlen_q.div_ceil(entry.tile.block_m as usize) as u32,
+            dims.heads as u32,
+            dims.batch as u32,
+        ),
+        block: entry.tile.threads(),
+        smem_bytes: entry.smem_bytes,
+    };
+    let function = runtime::function(stream, kref.index, jit_ptx, entry.symbol, entry.smem_bytes)?;
+
+    // Device pointers, held with their guards until the launch is enqueued.
+    let ptrs = Pointers::take(stream, &q, &k, &v, None, &prep);
+    let (table_ptr, _g_table) = paged.block_table.device_ptr(stream);
+    let (seqlens_ptr, _g_seqlens) = paged.seqlens_k.device_ptr(stream);
+    let out_len = out.data.len();
+    let (o_ptr, _g_o) = out.data.device_ptr_mut(stream);
+    let (lse_ptr, _g_lse) = match lse {
+        Some(l) => {
+            let (p, g) = l.device_ptr_mut(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    };
+    check_alignment::<T>("q", ptrs.q, &q.layout)?;
+    check_alignment::<T>("k", ptrs.k, &k.layout)?;
+    check_alignment::<T>("v", ptrs.v, &v.layout)?;
+    check_alignment::<T>("out", o_ptr, &out.layout)?;
+    let span = |name, ptr: u64, elems: usize, size: u64| Span::new(name, ptr, elems as u64 * size);
+    let mut spans = vec![
+        span("q", ptrs.q, q.data.len(), elem),
+        span("k", ptrs.k, k.data.len(), elem),
+        span("v", ptrs.v, v.data.len(), elem),
+        span("out", o_ptr, out_len, elem),
+    ];
+    let mut outputs = vec![spans[3]];
+    if lse_ptr != 0 {
+        let s = span("lse", lse_ptr, lse_len, 4);
+        spans.push(s);
+        outputs.push(s);
+    }
+    check_disjoint(&outputs, &spans)?;
+
+    let mut params = fill_params(
+        &ptrs,
+        &prep,
+        &dims,
+        false,
+        [&q.layout, &k.layout, &v.layout, &out.layout],
+    );
+    // Pool strides: batch stride = page stride, row stride = slot stride (fill_params copied
+    // them from the pool layouts); sizes: seqlen_k is the capacity, seqused_k the real counts.
+    params.o = o_ptr as *mut c_void;
+    params.lse = lse_ptr as *mut f32;
+    params.block_table = table_ptr as *const i32;
+    params.block_table_batch_stride = paged.max_pages_per_seq as i32;
+    params.page_size = paged.page_size as i32;
+    params.seqused_k = seqlens_ptr as *const i32;
+    params.seqlen_k = capacity as i32;
+    params.flags |= FLAG_PAGED;
+    let mut args = [&mut params as *mut FaParams as *mut c_void];
+    // SAFETY: sm80 paged forward kernels take exactly one `FaParams` by value; q, out and lse were
+    // checked against their layouts, every key row a sequence uses lies in a page of the checked
+    // pool (PagedKv::new), and every guard lives until this returns.
+    unsafe { runtime::launch(function, geom, stream, &mut args)? };
+    Ok(FwdInfo {
+        cell: kref.key(),
+        symbol: entry.symbol,
+        routed_from: kref.routed_from,
+        jit_ptx,
+    })
+}
