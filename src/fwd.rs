@@ -65,7 +65,64 @@ pub fn flash_fwd<T: AttnElement>(
     t: FwdTensors<'_, T>,
     opts: &FwdOptions<'_>,
 ) -> Result<FwdInfo> {
-    run_fwd(stream, t, None, opts, Impl::Flash)
+    let (t, opts) = swap_decode_groups(t, opts);
+    run_fwd(stream, t, None, &opts, Impl::Flash)
+}
+
+/// A decode step's GQA heads as query rows (FlashAttention's `seqlenq_ngroups_swapped`).
+///
+/// With one query per sequence that sees every key (no mask, or a right bound with bottom-right
+/// alignment: the query sits at the last key), no ALiBi and no sink logits, the `heads / heads_k`
+/// query heads that share a KV head are `G` query rows of one head: `q` and `out` `(b, 1, h, d)`
+/// are re-strided as `(b, G, heads_k, d)` (row stride = head stride, head stride = G x head
+/// stride; the same memory), the LSE `(b, h, 1)` is `(b, heads_k, G)` as it stands, and the mask
+/// is dropped (it hides nothing). The kernels then run `b x heads_k` query blocks of G rows
+/// instead of `b x h` blocks of one row: G times less work (their query tiles are 64-192 rows)
+/// and each K/V block is read once per KV head. Anything else is returned unchanged.
+pub(crate) fn swap_decode_groups<'a, 'o, T>(
+    t: FwdTensors<'a, T>,
+    opts: &FwdOptions<'o>,
+) -> (FwdTensors<'a, T>, FwdOptions<'o>) {
+    let (q, k, o) = (t.q.layout, t.k.layout, t.out.layout);
+    let (left, right, align) = opts.mask.bounds();
+    let sees_all = left.is_none() && (right.is_none() || align == CausalAlign::BottomRight);
+    let swap = q.seqlen == 1
+        && k.heads > 0
+        && q.heads > k.heads
+        && q.heads % k.heads == 0
+        && (o.batch, o.seqlen, o.heads, o.head_dim) == (q.batch, q.seqlen, q.heads, q.head_dim)
+        && sees_all
+        && opts.sink_tokens == 0
+        && opts.alibi.is_none()
+        && opts.sink_logits.is_none();
+    if !swap {
+        return (t, *opts);
+    }
+    let g = q.heads / k.heads;
+    let rows = |l: Layout| Layout {
+        batch: l.batch,
+        seqlen: g,
+        heads: k.heads,
+        head_dim: l.head_dim,
+        batch_stride: l.batch_stride,
+        row_stride: l.head_stride,
+        head_stride: g * l.head_stride,
+    };
+    let FwdTensors {
+        q: tq,
+        k: tk,
+        v: tv,
+        out: to,
+        lse,
+    } = t;
+    let swapped = FwdTensors {
+        q: Tensor::new(tq.data, rows(q)),
+        k: tk,
+        v: tv,
+        out: TensorMut::new(to.data, rows(o)),
+        lse,
+    };
+    (swapped, opts.mask(crate::options::Mask::None))
 }
 
 /// Attention forward on variable-length batches packed as `(total, heads, head_dim)`

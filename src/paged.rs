@@ -14,6 +14,10 @@
 //! alignment puts the last query at the last cached key, as a decode step expects). On sm_90 the
 //! request is routed to the sm80 family (visible in [`FwdInfo::routed_from`]).
 //!
+//! A decode step (one query per sequence, GQA, no ALiBi or sink logits) runs its query heads as
+//! the rows of one query block per KV head (FlashAttention's `seqlenq_ngroups_swapped`), as
+//! [`crate::flash_fwd`] does.
+//!
 //! Not here yet: varlen queries over a paged cache, a split-KV decode kernel (the LSE output and
 //! [`crate::merge_states`] let a caller split the key range over several calls meanwhile).
 
@@ -165,6 +169,9 @@ pub fn flash_fwd_paged<T: AttnElement>(
     opts: &FwdOptions<'_>,
 ) -> Result<FwdInfo> {
     runtime::ensure_driver()?;
+    // A decode step's GQA heads as query rows (see `swap_decode_groups`).
+    let (t, opts) = crate::fwd::swap_decode_groups(t, opts);
+    let opts = &opts;
     let FwdTensors { q, k, v, out, lse } = t;
     let d = q.layout.head_dim;
     // The pool: (num_pages, page_size, heads_k, d), v like k.

@@ -343,6 +343,52 @@ fn fwd_cell_tests<T: HostElem>(cell: Cell, has_ptx: bool, tests: &mut Vec<Test<G
     tests.push(Test::new(format!("fwd::{key}::large_varlen_causal"), move |g| {
         check_vs_gpu_reference::<T>(g, &big_varlen, forced(fam), 3.0).map(|_| ())
     }));
+    // Decode steps (one query per sequence): with GQA and a mask that hides nothing the heads run
+    // as query rows (`swap_decode_groups`); with ALiBi, a window or top-left alignment they do not.
+    let decode = |h: usize, hk: usize, mask: Mask, alibi: bool| {
+        let mut case = Case::new(1, 777, d);
+        case.batch = 3;
+        case.heads = h;
+        case.heads_k = hk;
+        case.mask = mask;
+        if alibi {
+            case.alibi = AlibiKind::PerHead;
+        }
+        case
+    };
+    let br = CausalAlign::BottomRight;
+    let decodes = [
+        ("gqa4_causal", decode(8, 2, Mask::Causal(br), false)),
+        ("mqa_nomask", decode(6, 1, Mask::None, false)),
+        ("gqa2_causal_heads_major", {
+            let mut c = decode(4, 2, Mask::Causal(br), false);
+            c.storage = Storage::HeadsMajor;
+            c
+        }),
+        ("gqa4_causal_alibi", decode(8, 2, Mask::Causal(br), true)),
+        (
+            "gqa4_window",
+            decode(
+                8,
+                2,
+                Mask::Window {
+                    left: Some(100),
+                    right: Some(0),
+                    align: br,
+                },
+                false,
+            ),
+        ),
+        (
+            "gqa4_causal_top_left",
+            decode(8, 2, Mask::Causal(CausalAlign::TopLeft), false),
+        ),
+    ];
+    for (name, case) in decodes {
+        tests.push(Test::new(format!("fwd::{key}::decode_{name}"), move |g| {
+            check_vs_cpu::<T>(g, &case, forced(fam)).map(|_| ())
+        }));
+    }
     for (h, hk) in [(8, 8), (8, 2), (16, 2), (8, 1)] {
         let mut case = Case::new(2048, 2048, d);
         case.batch = 2;
