@@ -42,7 +42,7 @@
 //   none of a masked step's pairs skips its math.
 // - Deterministic mode: each query block's dQ contributions are added in descending key-block
 //   order, each block waiting on a per-(batch, head, query block) counter for its rank
-//   (BwdMainloop::dq_rank); key blocks are launched in descending order too (bwd_n_block), so a
+//   (BwdMainloop::dq_rank); key blocks are launched in descending order too (bwd_block), so a
 //   block only waits on blocks launched before it. dK, dV and dsink have a single writer in both
 //   modes.
 #pragma once
@@ -145,7 +145,8 @@ struct BwdKernel {
         const Mainloop mainloop(p, smem);
         int num_steps;
         {
-            const int n_block = bwd_n_block(p), hk = ptx::block_idx_y(), b = ptx::block_idx_z();
+            const BwdBlock blk = bwd_block(p);
+            const int n_block = blk.n_block, hk = blk.hk, b = blk.b;
             const BwdSeq seq = BwdSeq::make<BM>(p, b);
             if (n_block * BN >= seq.capacity_k) return;  // uniform: past this sequence's key rows
             BwdWalkState st;
@@ -189,7 +190,8 @@ struct BwdKernel {
         }
 
         // Epilogue: every key row of the block that exists in storage, zeros included.
-        const int n_block = bwd_n_block(p), hk = ptx::block_idx_y(), b = ptx::block_idx_z();
+        const BwdBlock blk = bwd_block(p);
+        const int n_block = blk.n_block, hk = blk.hk, b = blk.b;
         const BwdSeq seq = BwdSeq::make<BM>(p, b);
         const int64_t b_off = (p.flags & FA_FLAG_VARLEN) != 0 ? 0 : b;
         const int64_t key_row = static_cast<int64_t>(seq.k_row0) + n_block * BN;

@@ -471,7 +471,7 @@ struct BwdMainloop {
     // whose BwdQPlan holds m. Descending order: with a right mask bound a higher key block starts
     // its walk at a later query block, so it reaches m in fewer steps and rarely keeps a lower
     // one waiting (ascending order serialises the causal walk into a wavefront). Higher key
-    // blocks are launched first in deterministic mode (bwd_n_block), so a block only ever waits
+    // blocks are launched first in deterministic mode (bwd_block), so a block only ever waits
     // on blocks launched before it. Warp-wide; every lane returns it.
     __device__ __forceinline__ static int dq_rank(const BwdWalkState& st, int m, int lane) {
         const int n_end = (st.mask.seqlen_k + BN - 1) / BN;  // key blocks with keys of this sequence

@@ -87,11 +87,35 @@ struct BwdSeq {
     }
 };
 
-// The key block of this thread block: blockIdx.x, reversed in deterministic mode so that the
-// higher key blocks, whose dQ contributions come first (BwdMainloop::dq_rank), launch first.
-__device__ __forceinline__ int bwd_n_block(const FaParams& p) {
-    const int x = ptx::block_idx_x();
-    return (p.flags & FA_FLAG_DETERMINISTIC) != 0 ? static_cast<int>(gridDim.x) - 1 - x : x;
+// The (key block, kv head, sequence) a main-kernel thread block owns.
+struct BwdBlock {
+    int n_block;  // key block
+    int hk;       // kv head
+    int b;        // sequence
+};
+
+// The block coordinates of this thread block, in one of three launch orders (the hardware hands
+// out thread blocks roughly in ascending linear index, x fastest):
+// - deterministic mode: key blocks reversed (x -> gridDim.x - 1 - x), so that the higher key
+//   blocks, whose dQ contributions come first (BwdMainloop::dq_rank), launch first;
+// - a right mask bound without a left one (causal): key-block-major, lowest key block first.
+//   Key block n's walk covers the query blocks from about n * BN / BM on, so the lowest blocks
+//   walk longest; handing them out first (longest-processing-time-first) keeps a long walk from
+//   starting in the last wave. In the (key block, head, sequence) order every head's walks
+//   run long to short, and the last head's longest walk started near the end of the grid;
+// - otherwise (every walk about as long) blockIdx as is: the concurrent blocks share one
+//   head's Q / dO in L2.
+__device__ __forceinline__ BwdBlock bwd_block(const FaParams& p) {
+    const int x = ptx::block_idx_x(), y = ptx::block_idx_y(), z = ptx::block_idx_z();
+    if ((p.flags & FA_FLAG_DETERMINISTIC) != 0) return {static_cast<int>(gridDim.x) - 1 - x, y, z};
+    if (p.window_right >= 0 && p.window_left < 0) {
+        const int heads_k = static_cast<int>(gridDim.y);
+        const int per_n = heads_k * static_cast<int>(gridDim.z);  // thread blocks per key block
+        const int linear = x + static_cast<int>(gridDim.x) * (y + heads_k * z);
+        const int rest = linear % per_n;
+        return {linear / per_n, rest % heads_k, rest / heads_k};
+    }
+    return {x, y, z};
 }
 
 // Index of (sequence, head h, row i) in the forward's LSE: dense [b, h, sq], varlen [h, total_q].
