@@ -132,8 +132,9 @@ __device__ __forceinline__ void mma_m16n8k16_f32(float (&c)[4], const uint32_t (
 // ---- cp.async (global -> shared, bypassing registers) ---------------------------------------------
 
 // 16 bytes, cached in L2 only (.cg). When `valid` is false the source size is 0: nothing is read
-// and the 16 destination bytes are zero-filled (ragged rows). `gmem_src` must still be a valid
-// global address form; pass any in-bounds pointer for invalid rows.
+// and the 16 destination bytes are zero-filled (ragged rows); `gmem_src` is then not accessed
+// and may point past the allocation (the sm80 backward's Q / dO / statistics tails rely on it;
+// nvFuser's predicated cp.async does the same).
 __device__ __forceinline__ void cp_async_cg_16(uint32_t smem_dst, const void* gmem_src, bool valid) {
     const uint32_t src_bytes = valid ? 16u : 0u;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_dst), "l"(gmem_src),
