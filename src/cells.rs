@@ -566,6 +566,15 @@ pub const fn sm80_fwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 ///   d = 128 one stage (+0.3-1.1%, below two stages with `kLoadAfterDp`), d = 96 64 x 64 w4
 ///   (+0.1-3.2%, below 64 x 128). Against PyTorch FA2 (run 4 figures, another session): d64 8k
 ///   non-causal 283 vs 275, d96 265 vs 284, d128 283 vs 294 (GQA causal 255 vs 278), d256 240 vs 249.
+/// - Session 6 (2026-12-03, H200, bf16, `bench --bwd --family sm80`, 8k unless noted, base /
+///   candidates alternated twice in one call, min ms): causal thread blocks launched key-block
+///   major, lowest key block (longest walk) first (`bwd_block`): causal d96 +3.6%, d128 +3.6%
+///   (2k) / +5.0% (8k), GQA 32/8 +11.3% / +10.6%, d256 +0.4%; non-causal unchanged (its order
+///   keeps one head's Q / dO shared in L2). Q / dO copies without the select of row 0 for
+///   zero-filled rows (`BwdTileCopy`, src-size 0 reads nothing): d128 +1.5% more (non-causal and
+///   causal), d96 +0.2%, d256 -1.2 to -1.8% (kept only at d <= 128). Against PyTorch FA2 in the
+///   same call: d128 causal 8k 1.05 (was 0.98), GQA causal 8k 1.03 (was 0.93); non-causal 8k
+///   d96 0.93, d128 0.99, d256 0.94, GQA 0.98 still below.
 ///
 /// Registers per thread of the main kernel (nvcc 13.0, -O3, sm_80 / sm_90 SASS, bf16 and f16;
 /// 0 spills, 0 stack everywhere): d64 32x128w4 255/255, 64x128w8 218/228; d80 s2 255/244,
