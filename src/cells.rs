@@ -459,12 +459,15 @@ pub const fn sm80_fwd_tiles(head_dim: u32) -> &'static [Tile] {
 /// tile within 99 KB. The paged copy walks its rows rolled (one running page / slot pair), which
 /// keeps every one of these spill-free (nvcc 13.0 `-Xptxas -v`, bf16, sm_90 / sm_80 registers:
 /// d64 224 / 215, d80 224 / 226, d96 x3 251 / 248 and x2 250 / 247, d128 128 x 32 227 / 223,
-/// d192 240 / 240 and 234 / 230, d256 64 x 64 x 1 237 / 241). Left out because their paged copy
-/// spills: d128 128 x 64 (52 bytes on sm_80; 255 registers, no spill, on sm_90) and d256
-/// 128 x 64 x 8 warps (24 bytes on sm_90).
+/// d192 240 / 240 and 234 / 230, d256 64 x 64 x 1 237 / 241), except d128 128 x 64, whose paged
+/// copy spills 52 bytes on sm_80 (255 registers, no spill, on sm_90; sm_86 / 89 run 128 x 32,
+/// spill-free). It is first because it measured faster on H200 (2026-12-03, `bench --paged`,
+/// bf16, 32 / 8 heads, causal, one call against the 128 x 32-only build): decode 2k / 8k -9.0 /
+/// -9.4%, prefill chunks of 512 over 4k / 16k -8.4 / -9.5% (page 16; pages 64 / 256 alike).
+/// Left out: d256 128 x 64 x 8 warps (its paged copy spills 24 bytes on sm_90).
 pub const fn sm80_fwd_paged_tiles(head_dim: u32) -> &'static [Tile] {
     match head_dim {
-        128 => &[tile!(128, 32, 4, 2)],
+        128 => &[tile!(128, 64, 4, 2), tile!(128, 32, 4, 2)],
         256 => &[tile!(64, 64, 4, 1)],
         _ => sm80_fwd_tiles(head_dim),
     }
