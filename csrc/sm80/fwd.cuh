@@ -36,8 +36,9 @@
 //   where the step walks its block in 32-key chunks (O + S + Q <= 208 registers). Elsewhere the
 //   first k16 steps of Q that fit stay in registers and the rest is re-read from smem at each
 //   Q K^T (d = 96: 2 of 6, d = 128: 1 of 8, d = 256: 13 of 16, with the whole 64-key block as
-//   one chunk, O + S + Q = 212 registers). Every instantiation is spill-free (registers:
-//   src/cells.rs, sm80_fwd_tiles).
+//   one chunk, O + S + Q = 212 registers). Every dense instantiation is spill-free (registers:
+//   src/cells.rs, sm80_fwd_tiles); of the paged ones, d = 128 128 x 64 spills 52 bytes on sm_80
+//   (sm80_fwd_paged_tiles).
 // - Causal / right-bounded masks remap the grid so that the heaviest query blocks of all (batch,
 //   head) pairs start first and the light ones fill the tail (FwdTile::make).
 // - Epilogue: O scaled by 1/Z, converted to T, staged in the warp's own Q rows, stored 16 bytes per
