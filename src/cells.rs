@@ -577,7 +577,8 @@ pub const fn sm80_fwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 ///   zero-filled rows (`BwdTileCopy`, src-size 0 reads nothing): d128 +1.5% more (non-causal and
 ///   causal), d96 +0.2%, d256 -1.2 to -1.8% (kept only at d <= 128). Against PyTorch FA2 in the
 ///   same call: d128 causal 8k 1.05 (was 0.98), GQA causal 8k 1.03 (was 0.93); non-causal 8k
-///   d96 0.93, d128 0.99, d256 0.94, GQA 0.98 still below.
+///   d96 0.93, d128 0.99, d256 0.94, GQA 0.98 still below. ptxas (bf16 / f16): the d128 64x128
+///   s2 main kernel now spills 24 bytes (was 16), the d256 64x64 s1 one (second choice) 52-60.
 ///
 /// Registers per thread of the main kernel (nvcc 13.0, -O3, sm_80 / sm_90 SASS, bf16 and f16;
 /// 0 spills, 0 stack everywhere): d64 32x128w4 255/255, 64x128w8 218/228; d80 s2 255/244,

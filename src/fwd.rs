@@ -364,20 +364,106 @@ fn i32_bound(what: &'static str, v: Option<u32>) -> Result<i32> {
 /// The tile variant to run: `variant` when given (it must fit), else the first whose shared
 /// memory fits `limit`.
 pub(crate) fn choose_tile(kref: &KernelRef, limit: u32, variant: Option<usize>) -> Result<&'static KernelEntry> {
-    let kernels = kref.image.kernels;
+    choose_tile_in(kref.image.kernels, kref.key(), "", limit, variant)
+}
+
+/// [`choose_tile`] over one of a cell's kernel lists (`kind` names it in errors, e.g. `"paged "`).
+pub(crate) fn choose_tile_in(
+    kernels: &'static [KernelEntry],
+    key: &str,
+    kind: &str,
+    limit: u32,
+    variant: Option<usize>,
+) -> Result<&'static KernelEntry> {
     let found = match variant {
         Some(i) => kernels.get(i).filter(|k| k.smem_bytes <= limit),
         None => kernels.iter().find(|k| k.smem_bytes <= limit),
     };
     found.ok_or_else(|| Error::NoKernel {
         what: match variant {
-            Some(i) => format!(
-                "{}: tile variant {i} does not exist or does not fit {limit} bytes",
-                kref.key()
-            ),
-            None => format!("{}: no tile variant fits {limit} bytes of shared memory", kref.key()),
+            Some(i) => format!("{key}: {kind}tile variant {i} does not exist or does not fit {limit} bytes"),
+            None => format!("{key}: no {kind}tile variant fits {limit} bytes of shared memory"),
         },
     })
+}
+
+/// Whether the launch runs the cell's compute_80 PTX (driver JIT): the device needs it or the
+/// caller forces it; an error when the image was built without it.
+pub(crate) fn uses_ptx(kref: &KernelRef, force_ptx: bool) -> Result<bool> {
+    let jit_ptx = kref.jit_ptx || force_ptx;
+    if jit_ptx && kref.image.ptx.is_none() {
+        return Err(Error::CellNotCompiled {
+            cell: kref.key().to_string(),
+            knobs: crate::kernels::BUILD_KNOBS,
+            hint: "its compute_80 PTX image is needed; build with the `ptx-jit` feature".into(),
+        });
+    }
+    Ok(jit_ptx)
+}
+
+/// The checks every forward entry point makes on its tensors before any launch: buffer lengths
+/// against the layouts (q, k, v, out), the LSE buffer's length (`lse_len` floats), and that
+/// every buffer lives on the stream's device.
+pub(crate) fn check_fwd_buffers<T>(
+    stream: &CudaStream,
+    q: &Tensor<'_, T>,
+    k: &Tensor<'_, T>,
+    v: &Tensor<'_, T>,
+    out: &TensorMut<'_, T>,
+    lse: Option<&dyn DevicePtrMut<f32>>,
+    lse_len: usize,
+) -> Result<()> {
+    check_buffer::<T>("q", q.data.len(), &q.layout)?;
+    check_buffer::<T>("k", k.data.len(), &k.layout)?;
+    check_buffer::<T>("v", v.data.len(), &v.layout)?;
+    check_buffer::<T>("out", out.data.len(), &out.layout)?;
+    if let Some(l) = lse {
+        if l.len() < lse_len {
+            return Err(Error::BufferTooSmall {
+                tensor: "lse",
+                needed: lse_len,
+                len: l.len(),
+            });
+        }
+        check_device("lse", l.stream(), stream)?;
+    }
+    check_device("q", q.data.stream(), stream)?;
+    check_device("k", k.data.stream(), stream)?;
+    check_device("v", v.data.stream(), stream)?;
+    check_device("out", out.data.stream(), stream)
+}
+
+/// The checks on device addresses: the fast kernels' 16-byte alignment of q, k, v and out (when
+/// `align`), and that out and lse (`lse_ptr` 0 = none) overlap no input or each other. Inputs are
+/// (pointer, layout, buffer length in elements of `elem` bytes).
+pub(crate) fn check_fwd_addresses<T>(
+    inputs: [(u64, &Layout, usize); 3],
+    out: (u64, &Layout, usize),
+    (lse_ptr, lse_len): (u64, usize),
+    elem: usize,
+    align: bool,
+) -> Result<()> {
+    let names = ["q", "k", "v"];
+    if align {
+        for (name, (ptr, layout, _)) in names.iter().zip(inputs) {
+            check_alignment::<T>(name, ptr, layout)?;
+        }
+        check_alignment::<T>("out", out.0, out.1)?;
+    }
+    let span = |name, ptr: u64, elems: usize, size: u64| Span::new(name, ptr, elems as u64 * size);
+    let mut spans: Vec<Span> = names
+        .iter()
+        .zip(inputs)
+        .map(|(name, (ptr, _, len))| span(name, ptr, len, elem as u64))
+        .collect();
+    spans.push(span("out", out.0, out.2, elem as u64));
+    let mut outputs = vec![spans[3]];
+    if lse_ptr != 0 {
+        let s = span("lse", lse_ptr, lse_len, 4);
+        spans.push(s);
+        outputs.push(s);
+    }
+    check_disjoint(&outputs, &spans)
 }
 
 /// The tile for this call when no variant is forced: the one the family's variant function
@@ -724,27 +810,8 @@ pub(crate) fn run_fwd<T: AttnElement>(
     let dims = check_shapes(&q.layout, &k.layout, &v.layout, &out.layout, seqlens, imp)?;
     let prep = prepare_options(opts, &dims, seqlens, stream)?;
 
-    // Buffers: lengths, devices.
-    let elem = std::mem::size_of::<T>() as u64;
-    check_buffer::<T>("q", q.data.len(), &q.layout)?;
-    check_buffer::<T>("k", k.data.len(), &k.layout)?;
-    check_buffer::<T>("v", v.data.len(), &v.layout)?;
-    check_buffer::<T>("out", out.data.len(), &out.layout)?;
     let lse_len = dims.heads * dims.total_q;
-    if let Some(l) = &lse {
-        if l.len() < lse_len {
-            return Err(Error::BufferTooSmall {
-                tensor: "lse",
-                needed: lse_len,
-                len: l.len(),
-            });
-        }
-        check_device("lse", l.stream(), stream)?;
-    }
-    check_device("q", q.data.stream(), stream)?;
-    check_device("k", k.data.stream(), stream)?;
-    check_device("v", v.data.stream(), stream)?;
-    check_device("out", out.data.stream(), stream)?;
+    check_fwd_buffers(stream, &q, &k, &v, &out, lse.as_deref(), lse_len)?;
 
     // Kernel.
     let info = runtime::device_info(stream)?;
@@ -771,14 +838,7 @@ pub(crate) fn run_fwd<T: AttnElement>(
         (Impl::Flash, Some(family)) => DISPATCH_TABLE.lookup_family(&key, Direction::Fwd, family)?,
         (Impl::Flash, None) => DISPATCH_TABLE.lookup(&key)?,
     };
-    let jit_ptx = kref.jit_ptx || ov.force_ptx;
-    if jit_ptx && kref.image.ptx.is_none() {
-        return Err(Error::CellNotCompiled {
-            cell: kref.key().to_string(),
-            knobs: crate::kernels::BUILD_KNOBS,
-            hint: "its compute_80 PTX image is needed; build with the `ptx-jit` feature".into(),
-        });
-    }
+    let jit_ptx = uses_ptx(&kref, ov.force_ptx)?;
     let smem_limit = ov
         .smem_limit
         .map_or(info.max_smem_optin, |l| l.min(info.max_smem_optin));
@@ -828,30 +888,17 @@ pub(crate) fn run_fwd<T: AttnElement>(
         }
         None => (0, None),
     };
-    if imp == Impl::Flash {
-        check_alignment::<T>("q", ptrs.q, &q.layout)?;
-        check_alignment::<T>("k", ptrs.k, &k.layout)?;
-        check_alignment::<T>("v", ptrs.v, &v.layout)?;
-        check_alignment::<T>("out", o_ptr, &out.layout)?;
-    }
-    let span = |name, ptr: u64, elems: usize, size: u64| Span {
-        name,
-        start: ptr,
-        end: ptr + elems as u64 * size,
-    };
-    let mut spans = vec![
-        span("q", ptrs.q, q.data.len(), elem),
-        span("k", ptrs.k, k.data.len(), elem),
-        span("v", ptrs.v, v.data.len(), elem),
-        span("out", o_ptr, out_len, elem),
-    ];
-    let mut outputs = vec![spans[3]];
-    if lse_ptr != 0 {
-        let s = span("lse", lse_ptr, lse_len, 4);
-        spans.push(s);
-        outputs.push(s);
-    }
-    check_disjoint(&outputs, &spans)?;
+    check_fwd_addresses::<T>(
+        [
+            (ptrs.q, &q.layout, q.data.len()),
+            (ptrs.k, &k.layout, k.data.len()),
+            (ptrs.v, &v.layout, v.data.len()),
+        ],
+        (o_ptr, &out.layout, out_len),
+        (lse_ptr, lse_len),
+        std::mem::size_of::<T>(),
+        imp == Impl::Flash,
+    )?;
 
     let mut params = fill_params(
         &ptrs,

@@ -25,10 +25,9 @@ use crate::cells::{Direction, HEAD_DIMS};
 use crate::dispatch::DISPATCH_TABLE;
 use crate::error::{Error, Result};
 use crate::fwd::{
-    Dims, FwdInfo, FwdTensors, Impl, Pointers, Span, check_alignment, check_buffer, check_device, check_disjoint,
-    check_shapes, fill_params, prepare_options,
+    Dims, FwdInfo, FwdTensors, Impl, Pointers, check_device, check_fwd_addresses, check_fwd_buffers, check_shapes,
+    choose_tile_in, fill_params, prepare_options, uses_ptx,
 };
-use crate::kernels::KernelEntry;
 use crate::options::FwdOptions;
 use crate::params::{FLAG_PAGED, FaParams};
 use crate::runtime::{self, Geometry};
@@ -205,26 +204,8 @@ pub fn flash_fwd_paged<T: AttnElement>(
     debug_assert!(HEAD_DIMS.contains(&(d as u32)));
     let prep = prepare_options(opts, &dims, None, stream)?;
 
-    let elem = std::mem::size_of::<T>() as u64;
-    check_buffer::<T>("q", q.data.len(), &q.layout)?;
-    check_buffer::<T>("k", k.data.len(), &k.layout)?;
-    check_buffer::<T>("v", v.data.len(), &v.layout)?;
-    check_buffer::<T>("out", out.data.len(), &out.layout)?;
     let lse_len = dims.heads * dims.total_q;
-    if let Some(l) = &lse {
-        if l.len() < lse_len {
-            return Err(Error::BufferTooSmall {
-                tensor: "lse",
-                needed: lse_len,
-                len: l.len(),
-            });
-        }
-        check_device("lse", l.stream(), stream)?;
-    }
-    check_device("q", q.data.stream(), stream)?;
-    check_device("k", k.data.stream(), stream)?;
-    check_device("v", v.data.stream(), stream)?;
-    check_device("out", out.data.stream(), stream)?;
+    check_fwd_buffers(stream, &q, &k, &v, &out, lse.as_deref(), lse_len)?;
     check_device("block table", paged.block_table.stream(), stream)?;
 
     // Kernel: the key says `paged`, which only the sm80 family serves (routing is visible).
@@ -237,34 +218,11 @@ pub fn flash_fwd_paged<T: AttnElement>(
         Some(family) => DISPATCH_TABLE.lookup_family(&key, Direction::Fwd, family)?,
         None => DISPATCH_TABLE.lookup(&key)?,
     };
-    let jit_ptx = kref.jit_ptx || ov.force_ptx;
-    if jit_ptx && kref.image.ptx.is_none() {
-        return Err(Error::CellNotCompiled {
-            cell: kref.key().to_string(),
-            knobs: crate::kernels::BUILD_KNOBS,
-            hint: "its compute_80 PTX image is needed; build with the `ptx-jit` feature".into(),
-        });
-    }
+    let jit_ptx = uses_ptx(&kref, ov.force_ptx)?;
     let smem_limit = ov
         .smem_limit
         .map_or(info.max_smem_optin, |l| l.min(info.max_smem_optin));
-    let kernels: &'static [KernelEntry] = kref.image.paged_kernels;
-    let entry = match ov.variant {
-        Some(i) => kernels.get(i).filter(|k| k.smem_bytes <= smem_limit),
-        None => kernels.iter().find(|k| k.smem_bytes <= smem_limit),
-    }
-    .ok_or_else(|| Error::NoKernel {
-        what: match ov.variant {
-            Some(i) => format!(
-                "{}: paged tile variant {i} does not exist or does not fit {smem_limit} bytes",
-                kref.key()
-            ),
-            None => format!(
-                "{}: no paged-KV tile variant fits {smem_limit} bytes of shared memory",
-                kref.key()
-            ),
-        },
-    })?;
+    let entry = choose_tile_in(kref.image.paged_kernels, kref.key(), "paged ", smem_limit, ov.variant)?;
     let geom = Geometry {
         grid: (
             dims.seqlen_q.div_ceil(entry.tile.block_m as usize) as u32,
@@ -289,24 +247,17 @@ pub fn flash_fwd_paged<T: AttnElement>(
         }
         None => (0, None),
     };
-    check_alignment::<T>("q", ptrs.q, &q.layout)?;
-    check_alignment::<T>("k", ptrs.k, &k.layout)?;
-    check_alignment::<T>("v", ptrs.v, &v.layout)?;
-    check_alignment::<T>("out", o_ptr, &out.layout)?;
-    let span = |name, ptr: u64, elems: usize, size: u64| Span::new(name, ptr, elems as u64 * size);
-    let mut spans = vec![
-        span("q", ptrs.q, q.data.len(), elem),
-        span("k", ptrs.k, k.data.len(), elem),
-        span("v", ptrs.v, v.data.len(), elem),
-        span("out", o_ptr, out_len, elem),
-    ];
-    let mut outputs = vec![spans[3]];
-    if lse_ptr != 0 {
-        let s = span("lse", lse_ptr, lse_len, 4);
-        spans.push(s);
-        outputs.push(s);
-    }
-    check_disjoint(&outputs, &spans)?;
+    check_fwd_addresses::<T>(
+        [
+            (ptrs.q, &q.layout, q.data.len()),
+            (ptrs.k, &k.layout, k.data.len()),
+            (ptrs.v, &v.layout, v.data.len()),
+        ],
+        (o_ptr, &out.layout, out_len),
+        (lse_ptr, lse_len),
+        std::mem::size_of::<T>(),
+        true,
+    )?;
 
     let mut params = fill_params(
         &ptrs,
