@@ -21,6 +21,11 @@
 //! 64 and 256 slots) on decode steps (one query per sequence, batch 64) and causal prefill chunks
 //! (512 queries, batch 4), against `flash_fwd` on the same keys stored densely, with the same
 //! sm80-family kernel and with the default (sm90 on Hopper) one, in the same process.
+//!
+//! `--decode` times decode steps of small batches over long caches (1-16 sequences, 8k-128k
+//! keys, 32 / 8 heads, d 128): unsplit on the device's family and on the sm80 family, the
+//! split-KV heuristic (`num_splits` 0) dense and over pages of 16. `benches/decode.py` times
+//! PyTorch's SDPA backends on the same cases.
 
 use cudarc::driver::sys::CUevent_flags;
 use flashattn_aot::{
@@ -43,6 +48,7 @@ struct Args {
     deterministic: bool,
     merge: bool,
     paged: bool,
+    decode: bool,
 }
 
 fn args() -> Args {
@@ -59,6 +65,7 @@ fn args() -> Args {
         deterministic: false,
         merge: false,
         paged: false,
+        decode: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -67,6 +74,7 @@ fn args() -> Args {
             "--bwd" => a.bwd = true,
             "--merge" => a.merge = true,
             "--paged" => a.paged = true,
+            "--decode" => a.decode = true,
             "--deterministic" => a.deterministic = true,
             "--family" => {
                 a.family = match it.next().as_deref() {
@@ -202,6 +210,90 @@ fn main() {
             });
             let bytes = ((n + 1) * max_elems * 2 + (n + 1) * rows_n * 4) as f64;
             println!("{n:>6} {ms:>9.3} {:>8.0}", bytes / ms / 1e6);
+        }
+        return;
+    }
+    if a.decode {
+        // Decode steps (sq = 1, 32 / 8 heads, d 128, no mask: what a bottom-right causal step
+        // sees) of small batches over long caches: unsplit on the device's own family, unsplit
+        // on the sm80 family, the split-KV heuristic (num_splits 0), and the heuristic over the
+        // same keys in shuffled pages of 16. GB/s = K and V bytes / time.
+        let (h, hk, d) = (32usize, 8usize, 128usize);
+        let cases: [(usize, usize); 7] = [
+            (1, 8192),
+            (1, 32768),
+            (1, 131072),
+            (4, 32768),
+            (8, 8192),
+            (16, 8192),
+            (16, 32768),
+        ];
+        let max_kv = cases.iter().map(|c| c.0 * c.1).max().unwrap() * hk * d;
+        let kbuf = stream
+            .clone_htod(&random_pool(7)[..max_kv.min(max_elems)].repeat(max_kv.div_ceil(max_elems))[..max_kv])
+            .unwrap();
+        let vbuf = stream
+            .clone_htod(&random_pool(9)[..max_kv.min(max_elems)].repeat(max_kv.div_ceil(max_elems))[..max_kv])
+            .unwrap();
+        println!(
+            "{:>5} {:>6} {:>10} {:>10} {:>10} {:>6} {:>10} {:>8} {:>8}",
+            "batch", "L", "own ms", "sm80 ms", "split ms", "parts", "paged ms", "own GB/s", "splt GB/s"
+        );
+        for (b, l) in cases {
+            let ql = Layout::contiguous(b, 1, h, d);
+            let dense = Layout::contiguous(b, l, hk, d);
+            let own = FwdOptions::new().num_splits(1);
+            let sm80 = own.kernel_override(KernelOverride {
+                family: Some(Family::Sm80),
+                ..Default::default()
+            });
+            let auto = FwdOptions::new();
+            let mut parts = 0;
+            let mut run_dense = |opts: &FwdOptions<'_>, parts: &mut usize| {
+                let t = FwdTensors {
+                    q: Tensor::new(&q, ql),
+                    k: Tensor::new(&kbuf, dense),
+                    v: Tensor::new(&vbuf, dense),
+                    out: TensorMut::new(&mut out, ql),
+                    lse: None,
+                };
+                *parts = flash_fwd(&stream, t, opts).unwrap().num_splits;
+            };
+            let mut ignore = 0;
+            let ms_own = time_ms(&mut || run_dense(&own, &mut ignore));
+            let ms_sm80 = time_ms(&mut || run_dense(&sm80, &mut ignore));
+            let ms_split = time_ms(&mut || run_dense(&auto, &mut parts));
+            let page = 16usize;
+            let pages_per_seq = l / page;
+            let num_pages = b * pages_per_seq;
+            let mut order: Vec<i32> = (0..num_pages as i32).collect();
+            let mut st = 0x2545_f491_4f6c_dd1du64;
+            for i in (1..num_pages).rev() {
+                st ^= st << 13;
+                st ^= st >> 7;
+                st ^= st << 17;
+                order.swap(i, (st % (i as u64 + 1)) as usize);
+            }
+            let lens = vec![l as i32; b];
+            let paged = PagedKv::new(&stream, &order, pages_per_seq, page, num_pages, &lens).unwrap();
+            let pool = Layout::contiguous(num_pages, page, hk, d);
+            let ms_paged = time_ms(&mut || {
+                let t = FwdTensors {
+                    q: Tensor::new(&q, ql),
+                    k: Tensor::new(&kbuf, pool),
+                    v: Tensor::new(&vbuf, pool),
+                    out: TensorMut::new(&mut out, ql),
+                    lse: None,
+                };
+                flash_fwd_paged(&stream, t, &paged, &auto).unwrap();
+            });
+            let kv_bytes = (2 * b * l * hk * d * 2) as f64;
+            println!(
+                "{b:>5} {l:>6} {ms_own:>10.4} {ms_sm80:>10.4} {ms_split:>10.4} {parts:>6} {ms_paged:>10.4} {:>8.0} {:>8.0}",
+                kv_bytes / ms_own / 1e6,
+                kv_bytes / ms_split / 1e6
+            );
+            std::io::stdout().flush().ok();
         }
         return;
     }

@@ -11,6 +11,7 @@ use crate::kernels::KernelEntry;
 use crate::options::{Alibi, CausalAlign, FwdOptions};
 use crate::params::{ALIGN_BOTTOM_RIGHT, ALIGN_TOP_LEFT, FLAG_VARLEN, FaParams};
 use crate::runtime::{self, Geometry};
+use crate::split::{Split, SplitDims};
 use crate::tensor::{AttnElement, Layout, Tensor, TensorMut};
 use crate::varlen::VarlenSeqlens;
 use cudarc::driver::sys::CUstreamCaptureStatus;
@@ -44,6 +45,8 @@ pub struct FwdInfo {
     pub routed_from: Option<Family>,
     /// True when the kernel was JIT-compiled from compute_80 PTX by the driver.
     pub jit_ptx: bool,
+    /// Split-KV parts the call ran with (1 = not split; see [`crate::FwdOptions::num_splits`]).
+    pub num_splits: usize,
 }
 
 /// Which implementation to run.
@@ -798,6 +801,89 @@ fn sm90_tile_counter(stream: &Arc<CudaStream>) -> Result<Option<u64>> {
     Ok(Some(ptr))
 }
 
+/// The split-KV decision of a forward call (see `crate::split`): the kernel, its tile and the
+/// part count. `kref` / `entry` are what the call would run unsplit; `tile_of` picks a tile in
+/// another cell (the sm80 one, when the preferred family is sm90). Returns them unchanged with
+/// 1 part unless the call splits.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn plan_split(
+    kref: KernelRef,
+    entry: &'static KernelEntry,
+    key: &DispatchKey,
+    opts: &FwdOptions<'_>,
+    info: &runtime::DeviceInfo,
+    dims: &Dims,
+    varlen: bool,
+    tile_of: impl Fn(&KernelRef) -> Result<&'static KernelEntry>,
+) -> Result<(KernelRef, &'static KernelEntry, usize)> {
+    let want = opts.num_splits as usize;
+    let unsplit = Ok((kref, entry, 1));
+    if want == 1 {
+        return unsplit;
+    }
+    if want > crate::split::MAX_SPLITS {
+        return Err(Error::InvalidArgument(format!(
+            "num_splits is {want}; at most {} parts",
+            crate::split::MAX_SPLITS
+        )));
+    }
+    if varlen {
+        if want >= 2 {
+            return Err(Error::InvalidArgument(
+                "split-KV (num_splits >= 2) does not take varlen calls".into(),
+            ));
+        }
+        return unsplit;
+    }
+    let work = |e: &KernelEntry| dims.seqlen_q.div_ceil(e.tile.block_m as usize) * dims.heads * dims.batch;
+    let (k80, e80) = if kref.cell().family == Family::Sm80 {
+        (kref, entry)
+    } else {
+        if let Some(f) = opts.kernel_override.family {
+            if want >= 2 {
+                return Err(Error::InvalidArgument(format!(
+                    "split-KV runs on the sm80 family, but the {} family was forced",
+                    f.tag()
+                )));
+            }
+            return unsplit;
+        }
+        // Auto: leave the sm90 kernel its call unless it would keep fewer than half the SMs busy.
+        if want == 0 && work(entry) * 2 >= info.sm_count as usize {
+            return unsplit;
+        }
+        match DISPATCH_TABLE.lookup_family(key, Direction::Fwd, Family::Sm80) {
+            Ok(k) => {
+                let e = tile_of(&k)?;
+                (k, e)
+            }
+            Err(e) if want >= 2 => return Err(e),
+            Err(_) => return unsplit,
+        }
+    };
+    let n = if want >= 2 {
+        want
+    } else {
+        let per_sm = if e80.tile.warps <= 4 { 2 } else { 1 };
+        let n_blocks = dims.seqlen_k.div_ceil(e80.tile.block_n as usize);
+        crate::split::heuristic(work(e80), n_blocks, info.sm_count as usize * per_sm)
+    };
+    if n <= 1 {
+        return unsplit;
+    }
+    Ok((k80, e80, n))
+}
+
+/// The sizes a split call's workspace and combine cover.
+pub(crate) fn split_dims(dims: &Dims) -> SplitDims {
+    SplitDims {
+        batch: dims.batch,
+        seqlen_q: dims.seqlen_q,
+        heads: dims.heads,
+        head_dim: dims.head_dim,
+    }
+}
+
 pub(crate) fn run_fwd<T: AttnElement>(
     stream: &Arc<CudaStream>,
     t: FwdTensors<'_, T>,
@@ -838,14 +924,19 @@ pub(crate) fn run_fwd<T: AttnElement>(
         (Impl::Flash, Some(family)) => DISPATCH_TABLE.lookup_family(&key, Direction::Fwd, family)?,
         (Impl::Flash, None) => DISPATCH_TABLE.lookup(&key)?,
     };
-    let jit_ptx = uses_ptx(&kref, ov.force_ptx)?;
     let smem_limit = ov
         .smem_limit
         .map_or(info.max_smem_optin, |l| l.min(info.max_smem_optin));
-    let entry = match ov.variant {
-        None => preferred_tile(&kref, smem_limit, &dims, prep.causal)?,
-        variant => choose_tile(&kref, smem_limit, variant)?,
+    let pick_tile = |k: &KernelRef| match ov.variant {
+        None => preferred_tile(k, smem_limit, &dims, prep.causal),
+        variant => choose_tile(k, smem_limit, variant),
     };
+    let entry = pick_tile(&kref)?;
+    let (kref, entry, n_splits) = match imp {
+        Impl::Flash => plan_split(kref, entry, &key, opts, &info, &dims, seqlens.is_some(), pick_tile)?,
+        Impl::Reference => (kref, entry, 1),
+    };
+    let jit_ptx = uses_ptx(&kref, ov.force_ptx)?;
     let m_blocks = dims.seqlen_q.div_ceil(entry.tile.block_m as usize);
     let geom = match kref.cell().family {
         // Never returned by a lookup (no family but the sm80 and sm90 ones serves a forward key).
@@ -860,7 +951,11 @@ pub(crate) fn run_fwd<T: AttnElement>(
             smem_bytes: 0,
         },
         Family::Sm80 => Geometry {
-            grid: (m_blocks as u32, dims.heads as u32, dims.batch as u32),
+            grid: (
+                m_blocks as u32,
+                dims.heads as u32,
+                u32::try_from(dims.batch * n_splits).unwrap_or(u32::MAX),
+            ),
             block: entry.tile.threads(),
             smem_bytes: entry.smem_bytes,
         },
@@ -899,6 +994,11 @@ pub(crate) fn run_fwd<T: AttnElement>(
         std::mem::size_of::<T>(),
         imp == Impl::Flash,
     )?;
+    // The split workspace (after every check of the caller's buffers).
+    let split = match n_splits {
+        1 => None,
+        n => Some(Split::new::<T>(stream, &info, n, split_dims(&dims))?),
+    };
 
     let mut params = fill_params(
         &ptrs,
@@ -909,6 +1009,10 @@ pub(crate) fn run_fwd<T: AttnElement>(
     );
     params.o = o_ptr as *mut c_void;
     params.lse = lse_ptr as *mut f32;
+    if let Some(sp) = &split {
+        (params.o_partial, params.lse_partial) = sp.partial_ptrs(stream);
+        params.num_splits = n_splits as i32;
+    }
     if kref.cell().family == Family::Sm90 {
         // Masks and varlen give tiles of different lengths: the kernel then claims tiles from a
         // counter (dynamic persistent scheduling, csrc/sm90/scheduler.cuh) instead of taking
@@ -936,10 +1040,14 @@ pub(crate) fn run_fwd<T: AttnElement>(
         // pointer in it was checked against its layout and its guard lives until this returns.
         unsafe { runtime::launch(function, geom, stream, &mut args)? };
     }
+    if let Some(sp) = &split {
+        sp.combine(stream, split_dims(&dims), o_ptr, &out.layout, lse_ptr, ptrs.sinks)?;
+    }
     Ok(FwdInfo {
         cell: kref.key(),
         symbol: entry.symbol,
         routed_from: kref.routed_from,
         jit_ptx,
+        num_splits: n_splits,
     })
 }

@@ -80,6 +80,7 @@ mod params;
 pub mod reference;
 mod runtime;
 mod sm90_tma;
+mod split;
 mod tensor;
 mod varlen;
 
@@ -95,6 +96,7 @@ pub use merge::{AttnState, MAX_MERGE_PARTS, merge_states};
 pub use options::{Alibi, CausalAlign, FwdOptions, KernelOverride, Mask};
 pub use paged::{PagedKv, flash_fwd_paged};
 pub use runtime::{DeviceInfo, device_count, device_info, driver_present, open_device};
+pub use split::{MAX_SPLITS, heuristic as split_kv_heuristic};
 pub use tensor::{AttnElement, Bf16, F16, GemmSupported, Layout, Tensor, TensorMut};
 #[cfg(feature = "fp8")]
 pub use tensor::{F8E4m3, F8E5m2};

@@ -97,6 +97,7 @@ pub struct FwdOptions<'a> {
     pub(crate) sink_logits: Option<&'a dyn DevicePtr<f32>>,
     pub(crate) alibi: Option<Alibi<'a>>,
     pub(crate) softcap: Option<f32>,
+    pub(crate) num_splits: u32,
     pub(crate) kernel_override: KernelOverride,
 }
 
@@ -109,6 +110,7 @@ impl fmt::Debug for FwdOptions<'_> {
             .field("sink_logits", &self.sink_logits.map(|s| s.len()))
             .field("alibi", &self.alibi)
             .field("softcap", &self.softcap)
+            .field("num_splits", &self.num_splits)
             .field("kernel_override", &self.kernel_override)
             .finish()
     }
@@ -168,6 +170,18 @@ impl<'a> FwdOptions<'a> {
     /// Logit softcap `c`: scores become `c * tanh(s / c)`.
     pub fn softcap(mut self, cap: f32) -> Self {
         self.softcap = Some(cap);
+        self
+    }
+
+    /// Split-KV: how many parts each query block's keys are split into (FlashAttention's
+    /// `num_splits`). `0` (the default) lets [`crate::split_kv_heuristic`] decide from the
+    /// call's size and the GPU (it splits only calls that fill less than 80% of one wave, such
+    /// as decode steps of small batches); `1` never splits; `2..=`[`crate::MAX_SPLITS`] splits
+    /// into exactly that many parts. Splitting runs on the sm80 family (on sm_90 a split call is
+    /// routed there, visibly in [`crate::FwdInfo`]), allocates an fp32 workspace on the stream
+    /// for the call, and is not available for varlen calls (`n >= 2` there is an error).
+    pub fn num_splits(mut self, n: u32) -> Self {
+        self.num_splits = n;
         self
     }
 

@@ -22,15 +22,16 @@
 //! [`crate::merge_states`] let a caller split the key range over several calls meanwhile).
 
 use crate::cells::{Direction, HEAD_DIMS};
-use crate::dispatch::DISPATCH_TABLE;
+use crate::dispatch::{DISPATCH_TABLE, KernelRef};
 use crate::error::{Error, Result};
 use crate::fwd::{
     Dims, FwdInfo, FwdTensors, Impl, Pointers, check_device, check_fwd_addresses, check_fwd_buffers, check_shapes,
-    choose_tile_in, fill_params, prepare_options, uses_ptx,
+    choose_tile_in, fill_params, plan_split, prepare_options, split_dims, uses_ptx,
 };
 use crate::options::FwdOptions;
 use crate::params::{FLAG_PAGED, FaParams};
 use crate::runtime::{self, Geometry};
+use crate::split::Split;
 use crate::tensor::{AttnElement, Layout};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use std::ffi::c_void;
@@ -218,16 +219,18 @@ pub fn flash_fwd_paged<T: AttnElement>(
         Some(family) => DISPATCH_TABLE.lookup_family(&key, Direction::Fwd, family)?,
         None => DISPATCH_TABLE.lookup(&key)?,
     };
-    let jit_ptx = uses_ptx(&kref, ov.force_ptx)?;
     let smem_limit = ov
         .smem_limit
         .map_or(info.max_smem_optin, |l| l.min(info.max_smem_optin));
-    let entry = choose_tile_in(kref.image.paged_kernels, kref.key(), "paged ", smem_limit, ov.variant)?;
+    let pick_tile = |k: &KernelRef| choose_tile_in(k.image.paged_kernels, k.key(), "paged ", smem_limit, ov.variant);
+    let entry = pick_tile(&kref)?;
+    let (kref, entry, n_splits) = plan_split(kref, entry, &key, opts, &info, &dims, false, pick_tile)?;
+    let jit_ptx = uses_ptx(&kref, ov.force_ptx)?;
     let geom = Geometry {
         grid: (
             dims.seqlen_q.div_ceil(entry.tile.block_m as usize) as u32,
             dims.heads as u32,
-            dims.batch as u32,
+            u32::try_from(dims.batch * n_splits).unwrap_or(u32::MAX),
         ),
         block: entry.tile.threads(),
         smem_bytes: entry.smem_bytes,
@@ -258,6 +261,11 @@ pub fn flash_fwd_paged<T: AttnElement>(
         std::mem::size_of::<T>(),
         true,
     )?;
+    // The split workspace (after every check of the caller's buffers).
+    let split = match n_splits {
+        1 => None,
+        n => Some(Split::new::<T>(stream, &info, n, split_dims(&dims))?),
+    };
 
     let mut params = fill_params(
         &ptrs,
@@ -276,15 +284,23 @@ pub fn flash_fwd_paged<T: AttnElement>(
     params.seqused_k = seqlens_ptr as *const i32;
     params.seqlen_k = capacity as i32;
     params.flags |= FLAG_PAGED;
+    if let Some(sp) = &split {
+        (params.o_partial, params.lse_partial) = sp.partial_ptrs(stream);
+        params.num_splits = n_splits as i32;
+    }
     let mut args = [&mut params as *mut FaParams as *mut c_void];
     // SAFETY: sm80 paged forward kernels take exactly one `FaParams` by value; q, out and lse were
     // checked against their layouts, every key row a sequence uses lies in a page of the checked
     // pool (PagedKv::new), and every guard lives until this returns.
     unsafe { runtime::launch(function, geom, stream, &mut args)? };
+    if let Some(sp) = &split {
+        sp.combine(stream, split_dims(&dims), o_ptr, &out.layout, lse_ptr, ptrs.sinks)?;
+    }
     Ok(FwdInfo {
         cell: kref.key(),
         symbol: entry.symbol,
         routed_from: kref.routed_from,
         jit_ptx,
+        num_splits: n_splits,
     })
 }

@@ -53,6 +53,21 @@ struct FwdKvPlan {
     }
     __device__ __forceinline__ int num_blocks() const { return num_masked() + (u_end - u_begin); }
 
+    // Part s of n of this walk (split-KV): the s-th of n equal shares (the last ones shorter or
+    // empty) of the window range [n_begin, n_end), with the masked / unmasked split kept; part 0
+    // also keeps the sink range, which lies left of the window range. Every KV block of the
+    // walk is in exactly one part.
+    __device__ __forceinline__ FwdKvPlan part(int s, int n) const {
+        FwdKvPlan r;
+        const int per = (n_end - n_begin + n - 1) / n;
+        r.n_begin = min(n_begin + s * per, n_end);
+        r.n_end = min(r.n_begin + per, n_end);
+        r.u_begin = clamp_int(u_begin, r.n_begin, r.n_end);
+        r.u_end = clamp_int(u_end, r.u_begin, r.n_end);
+        r.n_sink_end = s == 0 ? n_sink_end : 0;
+        return r;
+    }
+
     // KV block of walk step t in the unmasked phase, num_masked() <= t < num_blocks().
     __device__ __forceinline__ int unmasked_block_at(int t) const { return u_end - 1 - (t - num_masked()); }
 

@@ -8,9 +8,10 @@
 // A part with LSE_i = -inf (no visible key) has w_i = 0 and its O_i is not read. A row whose parts
 // are all -inf writes O = 0 and LSE = -inf, as the forward does for a fully masked row.
 //
-// FA_MERGE_KERNEL(NAME, T) defines one kernel, for T = __half or __nv_bfloat16:
+// FA_MERGE_KERNEL(NAME, T) defines two kernels, for T = __half or __nv_bfloat16:
 //
-//   extern "C" __global__ void NAME(const MergeParams p)
+//   extern "C" __global__ void NAME(const MergeParams p)              // merge_states
+//   extern "C" __global__ void NAME##_split(const MergeSplitParams p)  // split-KV combine
 //
 // Launch contract
 //   grid  (ceil(batch * seqlen * heads / (kMergeWarpsPerBlock * rows_per_warp(head_dim))), 1, 1)
@@ -129,10 +130,79 @@ __device__ void merge_row(const MergeParams& p) {
     if (lane == 0 && p.out_lse != nullptr) p.out_lse[lse_index] = m + logf(z);
 }
 
+// The split-KV combine: like merge_row, over p.n_splits fp32 parts at fixed offsets, with the
+// learnable sink logit (when given) as one more term of the denominator whose O is 0, as the
+// forward's finalize has it: Z = sum_i exp(LSE_i) + exp(sink), O = sum_i exp(LSE_i) O_i / Z.
+// Same grid, block and row mapping as merge_row; fp32 in split order (bitwise reproducible).
+template <typename T>
+__device__ void merge_split_row(const MergeSplitParams& p) {
+    int const warp = static_cast<int>(threadIdx.x) / 32;
+    int const lanes = lanes_per_row(p.head_dim);
+    int const rows_per_warp = 32 / lanes;
+    int const lane = static_cast<int>(threadIdx.x) % 32 % lanes;
+    int64_t const rows = p.batch * p.seqlen * p.heads;
+    int64_t const row = (static_cast<int64_t>(blockIdx.x) * kMergeWarpsPerBlock + warp) * rows_per_warp +
+                        static_cast<int>(threadIdx.x) % 32 / lanes;
+    if (row >= rows) return;
+    int64_t const h = row % p.heads;
+    int64_t const bs = row / p.heads;
+    int64_t const s = bs % p.seqlen;
+    int64_t const b = bs / p.seqlen;
+    int64_t const lse_index = (b * p.heads + h) * p.seqlen + s;
+    int const n = static_cast<int>(p.n_splits);
+
+    float const sink = p.sink_logits != nullptr ? p.sink_logits[h] : -INFINITY;
+    float m = sink;
+    for (int i = 0; i < n; ++i) m = fmaxf(m, p.lse_partial[i * rows + lse_index]);
+    int64_t const chunks = p.head_dim / 8;
+    int64_t const out_base = b * p.out_stride[0] + s * p.out_stride[1] + h * p.out_stride[2];
+    if (m == -INFINITY) {
+        for (int64_t c = lane; c < chunks; c += lanes) {
+            *reinterpret_cast<uint4*>(reinterpret_cast<T*>(p.out) + out_base + 8 * c) = make_uint4(0, 0, 0, 0);
+        }
+        if (lane == 0 && p.out_lse != nullptr) p.out_lse[lse_index] = -INFINITY;
+        return;
+    }
+    float z = expf(sink - m);  // 0 without a sink logit
+    for (int i = 0; i < n; ++i) z += expf(p.lse_partial[i * rows + lse_index] - m);
+    float const inv_z = 1.0f / z;
+
+    for (int64_t c = lane; c < chunks; c += lanes) {
+        float acc[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+        for (int i = 0; i < n; ++i) {
+            float const w = expf(p.lse_partial[i * rows + lse_index] - m);
+            if (w == 0.0f) continue;  // an empty part's O is not read
+            float4 const* src = reinterpret_cast<float4 const*>(p.o_partial + (i * rows + lse_index) * p.head_dim + 8 * c);
+            float4 const x0 = src[0], x1 = src[1];
+            acc[0] = fmaf(w, x0.x, acc[0]);
+            acc[1] = fmaf(w, x0.y, acc[1]);
+            acc[2] = fmaf(w, x0.z, acc[2]);
+            acc[3] = fmaf(w, x0.w, acc[3]);
+            acc[4] = fmaf(w, x1.x, acc[4]);
+            acc[5] = fmaf(w, x1.y, acc[5]);
+            acc[6] = fmaf(w, x1.z, acc[6]);
+            acc[7] = fmaf(w, x1.w, acc[7]);
+        }
+        uint4 y;
+        y.x = from_float2(acc[0] * inv_z, acc[1] * inv_z, T{});
+        y.y = from_float2(acc[2] * inv_z, acc[3] * inv_z, T{});
+        y.z = from_float2(acc[4] * inv_z, acc[5] * inv_z, T{});
+        y.w = from_float2(acc[6] * inv_z, acc[7] * inv_z, T{});
+        *reinterpret_cast<uint4*>(reinterpret_cast<T*>(p.out) + out_base + 8 * c) = y;
+    }
+    if (lane == 0 && p.out_lse != nullptr) p.out_lse[lse_index] = m + logf(z);
+}
+
 }  // namespace fa::merge
 
-#define FA_MERGE_KERNEL(NAME, T)                                                            \
-    extern "C" __global__ void __launch_bounds__(32 * fa::merge::kMergeWarpsPerBlock) NAME( \
-        const MergeParams p) {                                                              \
-        fa::merge::merge_row<T>(p);                                                         \
+#define FA_MERGE_KERNEL(NAME, T)                                                                    \
+    extern "C" __global__ void __launch_bounds__(32 * fa::merge::kMergeWarpsPerBlock) NAME(         \
+        const MergeParams p) {                                                                      \
+        fa::merge::merge_row<T>(p);                                                                 \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(32 * fa::merge::kMergeWarpsPerBlock) NAME##_split( \
+        const MergeSplitParams p) {                                                                 \
+        fa::merge::merge_split_row<T>(p);                                                           \
     }

@@ -44,8 +44,12 @@
 // - Epilogue: O scaled by 1/Z, converted to T, staged in the warp's own Q rows, stored 16 bytes per
 //   lane; LSE by one lane per quad. A row with no visible key writes O = 0 and LSE = -inf (or the
 //   sink logit).
+// - Split-KV (p.num_splits > 1, src/fwd.rs): grid z = batch * num_splits; part s walks the s-th
+//   share of its query block's KV blocks (FwdKvPlan::part) and writes its O (fp32, normalised by
+//   its own sum, no sink logit) and LSE to p.o_partial / p.lse_partial; the merge cell's split
+//   kernel (csrc/merge/merge.cuh) combines the parts, sink logit included, into O and LSE.
 //
-// Launch contract (src/fwd.rs): grid (ceil(p.seqlen_q / BM), p.num_heads, p.batch), block W * 32
+// Launch contract (src/fwd.rs): grid (ceil(p.seqlen_q / BM), p.num_heads, p.batch * p.num_splits), block W * 32
 // threads, SMEM bytes of dynamic shared memory (= src/cells.rs sm80_fwd_smem_bytes), FaParams by
 // value. Paged K/V (FA_FLAG_PAGED): the FA_SM80_FWD_PAGED_KERNEL instantiation of the same
 // kernel, whose K/V tile copy reads each key row through the block table (FwdTile,
@@ -144,9 +148,21 @@ struct FwdKernel {
         const int warp = ptx::thread_idx_x() / 32, lane = ptx::thread_idx_x() % 32;
         const int warp_row0 = warp * kWarpRows;  // the warp's first row in the block
         const int warp_rows_valid = min(BM, tile.seqlen_q - m_begin) - warp_row0;
-        const float sink_logit = p.sink_logits != nullptr ? p.sink_logits[tile.head] : -INFINITY;
+        // Split-KV: the sink logit joins the denominator only where the parts are combined.
+        const bool split = p.num_splits > 1;
+        const float sink_logit = !split && p.sink_logits != nullptr ? p.sink_logits[tile.head] : -INFINITY;
         mainloop.unpark_row_sums(softmax);
         const SoftmaxResult<2 * kMT> result = softmax.finalize(sink_logit);
+        if (split) {
+            // Part tile.split of rows (b, h, i): O over this part's keys (normalised by its own
+            // sum) and that sum's LSE, fp32, at row (split * b_count + b) * h_count + h) * sq + i.
+            const int64_t row0 =
+                ((static_cast<int64_t>(tile.split) * p.batch + tile.batch) * p.num_heads + tile.head) * p.seqlen_q +
+                m_begin + warp_row0;
+            Epilogue::store_o_f32(o, result.o_scale, p.o_partial + row0 * D, warp_rows_valid, lane);
+            Epilogue::store_lse(result.lse, p.lse_partial + row0, warp_rows_valid, lane);
+            return;
+        }
         Epilogue::store_o(o, result.o_scale, mainloop.smem_base() + Smem::kQOffset + warp_row0 * Smem::kPitchBytes,
                           tile.o + (m_begin + warp_row0) * p.o_row_stride, p.o_row_stride, warp_rows_valid, lane);
         if (tile.lse != nullptr) Epilogue::store_lse(result.lse, tile.lse + m_begin + warp_row0, warp_rows_valid, lane);

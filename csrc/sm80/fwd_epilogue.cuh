@@ -56,6 +56,26 @@ struct FwdEpilogue {
         }
     }
 
+    // Split-KV part: O scaled by o_scale, fp32, straight from the accumulators to rows of D floats
+    // (o_gmem: the warp's first row). Each quad writes 32 contiguous bytes per (row, n8 tile).
+    __device__ __forceinline__ static void store_o_f32(const float (&o)[MT][D / 8][4], const float (&o_scale)[2 * MT],
+                                                       float* o_gmem, int rows_valid, int lane) {
+        const int g = lane / 4, t = lane % 4;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int row = 16 * mt + 8 * half + g;
+                if (row >= rows_valid) continue;
+                const float scale = o_scale[2 * mt + half];
+#pragma unroll
+                for (int dt = 0; dt < D / 8; ++dt) {
+                    *reinterpret_cast<float2*>(o_gmem + static_cast<int64_t>(row) * D + 8 * dt + 2 * t) =
+                        make_float2(o[mt][dt][2 * half] * scale, o[mt][dt][2 * half + 1] * scale);
+                }
+            }
+    }
+
     // lse: per fragment row; lse_gmem: the warp's first row (contiguous rows). One lane per quad writes.
     __device__ __forceinline__ static void store_lse(const float (&lse)[2 * MT], float* lse_gmem, int rows_valid,
                                                      int lane) {

@@ -326,6 +326,7 @@ struct FwdWalkState {
         st.v = tile.v;
         st.mask = Mask::make(p, tile.seqlen_q, tile.seqlen_k);
         st.plan = st.mask.template fwd_kv_plan<BN>(m_begin, m_begin + rows_valid - 1);
+        if (p.num_splits > 1) st.plan = st.plan.part(tile.split, p.num_splits);
         st.m_begin = m_begin;
         st.alibi_slope = ScoreMod::load_alibi_slope(p, tile.batch, tile.head);
         return st;

@@ -18,6 +18,7 @@ template <class T>
 struct FwdTile {
     int batch, head, head_k;
     int m_block;
+    int split;               // split-KV part (0 unless p.num_splits > 1)
     int seqlen_q, seqlen_k;  // this sequence's query and (used) key counts
     const T* q;              // [sq, d]     row stride p.q_row_stride
     const T* k;              // [sk, d]     row stride p.k_row_stride
@@ -32,7 +33,7 @@ struct FwdTile {
     // Thread blocks per scheduling section of a right-bounded (causal) grid; see make().
     static constexpr int kSectionBlocks = 512;
 
-    // Grid (ceil(max sq / BM), heads, batch). Without a right mask bound every query block costs
+    // Grid (ceil(max sq / BM), heads, batch * num_splits). Without a right mask bound every query block costs
     // the same: blockIdx maps directly, and the query blocks of one (batch, head) run side by side
     // (they share its K/V in L2).
     //
@@ -81,6 +82,13 @@ struct FwdTile {
             t.m_block = ptx::block_idx_x();
             t.head = ptx::block_idx_y();
             t.batch = ptx::block_idx_z();
+        }
+        // Split-KV (p.num_splits > 1): grid z is batch * num_splits, the splits of a sequence
+        // adjacent; split s walks the s-th share of the query block's KV blocks (FwdKvPlan::part).
+        t.split = 0;
+        if (p.num_splits > 1) {
+            t.split = t.batch % p.num_splits;
+            t.batch /= p.num_splits;
         }
         t.head_k = t.head / (p.num_heads / p.num_heads_k);
 

@@ -133,7 +133,7 @@ __device__ __forceinline__ void fwd_kernel(const FaParams& p, const CUtensorMap*
                 feed.release(bars);
                 continue;
             }
-            OnlineSoftmax<BN> softmax;
+            TileSoftmax<D, BN> softmax;
             float o[D / 2];
             consumer.mma_tile(p, w, sm, bars, ScoreMod(p, w.coord.batch, w.coord.head), softmax, o);
 

@@ -248,7 +248,7 @@ struct Mainloop {
         // Returns whether this warp must rescale O by o_scale (OnlineSoftmax::update).
         __device__ __forceinline__ bool softmax_step(const FaParams& p, float (&s)[BN / 2], const Work& w, int n,
                                                      const ScoreMod& mod, MaskSteps steps,
-                                                     OnlineSoftmax<BN>& sm_state, float (&o_scale)[2]) const {
+                                                     TileSoftmax<D, BN>& sm_state, float (&o_scale)[2]) const {
             int const row_base = w.row_first() + 64 * wg;
             int const col_base = n * BN;
             if (mod.active) mod.template apply<BN>(p, s, acc_coord(), row_base, col_base, w.seq.diag);
@@ -282,7 +282,7 @@ struct Mainloop {
         // One tile: leaves the unnormalised O in `o` and the softmax state in `sm_state`.
         // Requires w.blocks.count() >= 1.
         __device__ void mma_tile(const FaParams& p, const Work& w, const Smem& sm, const Bars& bars,
-                                 const ScoreMod& mod, OnlineSoftmax<BN>& sm_state, float (&o)[D / 2]) {
+                                 const ScoreMod& mod, TileSoftmax<D, BN>& sm_state, float (&o)[D / 2]) {
             // Which blocks of this warpgroup's 64 rows need the mask.
             int const row_base = w.row_first() + 64 * wg;
             int const row_last = w.seq.sq - 1 < row_base + 63 ? w.seq.sq - 1 : row_base + 63;

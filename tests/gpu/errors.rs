@@ -4,8 +4,8 @@ use crate::harness::Test;
 use crate::support::{Gpu, bits};
 use cudarc::driver::{CudaSlice, DevicePtr};
 use flashattn_aot::{
-    Alibi, CausalAlign, Error, FwdOptions, FwdTensors, Layout, Mask, Tensor, TensorMut, VarlenSeqlens, flash_fwd,
-    flash_fwd_varlen,
+    Alibi, CausalAlign, Error, Family, FwdOptions, FwdTensors, KernelOverride, Layout, Mask, Tensor, TensorMut,
+    VarlenSeqlens, flash_fwd, flash_fwd_varlen,
 };
 use half::bf16;
 
@@ -372,6 +372,52 @@ pub fn tests(tests: &mut Vec<Test<Gpu>>) {
                 flash_fwd_varlen(&g.stream, t, &sl, &FwdOptions::new())
             },
             |e| matches!(e, Error::ShapeMismatch(_)),
+        )
+    });
+    add("split_varlen", |g| {
+        expect_error(
+            g,
+            D,
+            |g, b| {
+                let sl = VarlenSeqlens::new(&g.stream, &[0, 10, 20], &[0, 10, 20]).unwrap();
+                let l = Layout::varlen(20, H, D);
+                let t = FwdTensors {
+                    q: Tensor::new(&b.q, l),
+                    k: Tensor::new(&b.k, l),
+                    v: Tensor::new(&b.v, l),
+                    out: TensorMut::new(&mut b.out, l),
+                    lse: Some(&mut b.lse),
+                };
+                flash_fwd_varlen(&g.stream, t, &sl, &FwdOptions::new().num_splits(2))
+            },
+            |e| matches!(e, Error::InvalidArgument(m) if m.contains("varlen")),
+        )
+    });
+    add("split_too_many_parts", |g| {
+        expect_error(
+            g,
+            D,
+            |g, b| {
+                let l = b.layout;
+                call(g, b, l, l, l, &FwdOptions::new().num_splits(129))
+            },
+            |e| matches!(e, Error::InvalidArgument(m) if m.contains("num_splits")),
+        )
+    });
+    add("split_on_forced_sm90", |g| {
+        expect_error(
+            g,
+            D,
+            |g, b| {
+                let l = b.layout;
+                let opts = FwdOptions::new().num_splits(2).kernel_override(KernelOverride {
+                    family: Some(Family::Sm90),
+                    ..Default::default()
+                });
+                call(g, b, l, l, l, &opts)
+            },
+            // Off Hopper the sm90 family cannot be forced at all.
+            |e| matches!(e, Error::InvalidArgument(m) if m.contains("split")) || matches!(e, Error::NoKernel { .. }),
         )
     });
 }

@@ -164,7 +164,10 @@ fn build<T: HostElem>(g: &Gpu, t: &Paged) -> Result<Built<T>, String> {
 }
 
 fn options<'a, T>(c: &Case, bt: &'a Built<T>, variant: Option<usize>) -> FwdOptions<'a> {
-    let mut opts = FwdOptions::new().mask(c.mask).sink_tokens(c.sink_tokens);
+    let mut opts = FwdOptions::new()
+        .mask(c.mask)
+        .sink_tokens(c.sink_tokens)
+        .num_splits(c.num_splits);
     if let Some(sc) = c.scale {
         opts = opts.softmax_scale(sc);
     }
@@ -291,6 +294,38 @@ fn cell_tests<T: HostElem>(key: String, d: usize, variants: usize, tests: &mut V
             tests.push(Test::new(name, move |g| check::<T>(g, &t).map(|_| ())));
         }
     }
+    // Split-KV over the paged cache: the heuristic on a decode step (it must split it), and 3
+    // forced parts with sink tokens, sink logits and a window on a chunk.
+    let mut c = causal(Case::new(1, 0, d));
+    c.batch = 2;
+    c.heads = 8;
+    c.heads_k = 2;
+    c.num_splits = 0;
+    let t = Paged::new(c, vec![1900, 333], 16);
+    tests.push(Test::new(format!("paged::{key}::split_auto_decode"), move |g| {
+        let info = check::<T>(g, &t)?;
+        if info.num_splits < 2 {
+            return Err(format!("{} ran unsplit", info.symbol));
+        }
+        Ok(())
+    }));
+    let mut c = Case::new(20, 0, d);
+    c.mask = Mask::Window {
+        left: Some(200),
+        right: Some(0),
+        align: CausalAlign::BottomRight,
+    };
+    c.sink_tokens = 3;
+    c.sink_logits = true;
+    c.num_splits = 3;
+    let t = Paged::new(c, vec![900, 70], 7);
+    tests.push(Test::new(format!("paged::{key}::split3_window_sinks"), move |g| {
+        let info = check::<T>(g, &t)?;
+        if info.num_splits != 3 {
+            return Err(format!("{} ran with {} parts", info.symbol, info.num_splits));
+        }
+        Ok(())
+    }));
     // On Hopper the request is routed to the sm80 family, and says so.
     let c = causal(Case::new(4, 0, d));
     let t = Paged::new(c, vec![90, 200], 16);

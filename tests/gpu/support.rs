@@ -107,6 +107,8 @@ pub struct Case {
     pub storage: Storage,
     pub with_lse: bool,
     pub seed: u64,
+    /// `FwdOptions::num_splits` (1 = unsplit, the default here; 0 = the library's heuristic).
+    pub num_splits: u32,
 }
 
 impl Case {
@@ -129,6 +131,7 @@ impl Case {
             storage: Storage::Contiguous,
             with_lse: true,
             seed: 1,
+            num_splits: 1,
         }
     }
 
@@ -358,7 +361,10 @@ pub fn run<T: HostElem>(gpu: &Gpu, case: &Case, inp: &Inputs<T>, which: Which) -
     let mut out = s.clone_htod(&vec![T::from_f32(f32::NAN); n_out]).map_err(e)?;
     let lse_len = case.heads * inp.total_q;
     let mut lse = s.clone_htod(&vec![f32::NAN; lse_len.max(1)]).map_err(e)?;
-    let mut opts = FwdOptions::new().mask(case.mask).sink_tokens(case.sink_tokens);
+    let mut opts = FwdOptions::new()
+        .mask(case.mask)
+        .sink_tokens(case.sink_tokens)
+        .num_splits(case.num_splits);
     if let Some(sc) = case.scale {
         opts = opts.softmax_scale(sc);
     }
@@ -507,7 +513,10 @@ pub enum WhichBwd {
 
 /// The forward options of `case` (buffers from `inp`).
 fn fwd_options<'a, T>(case: &Case, inp: &'a Inputs<T>) -> FwdOptions<'a> {
-    let mut opts = FwdOptions::new().mask(case.mask).sink_tokens(case.sink_tokens);
+    let mut opts = FwdOptions::new()
+        .mask(case.mask)
+        .sink_tokens(case.sink_tokens)
+        .num_splits(case.num_splits);
     if let Some(sc) = case.scale {
         opts = opts.softmax_scale(sc);
     }
