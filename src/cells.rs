@@ -447,7 +447,7 @@ pub const fn sm80_fwd_tiles(head_dim: u32) -> &'static [Tile] {
         64 => &[tile!(128, 64, 4, 2)],
         80 => &[tile!(128, 64, 4, 3)],
         96 => &[tile!(128, 64, 4, 3), tile!(128, 64, 4, 2)],
-        128 => &[tile!(128, 64, 4, 2), tile!(128, 32, 4, 2)],
+        128 => &[tile!(128, 64, 4, 2), tile!(128, 32, 4, 2), tile!(64, 64, 4, 2)],
         192 => &[tile!(128, 64, 8, 2), tile!(64, 32, 4, 2)],
         256 => &[tile!(128, 64, 8, 2), tile!(64, 64, 4, 1)],
         _ => &[],
@@ -467,7 +467,7 @@ pub const fn sm80_fwd_tiles(head_dim: u32) -> &'static [Tile] {
 /// Left out: d256 128 x 64 x 8 warps (its paged copy spills 24 bytes on sm_90).
 pub const fn sm80_fwd_paged_tiles(head_dim: u32) -> &'static [Tile] {
     match head_dim {
-        128 => &[tile!(128, 64, 4, 2), tile!(128, 32, 4, 2)],
+        128 => &[tile!(128, 64, 4, 2), tile!(128, 32, 4, 2), tile!(64, 64, 4, 2)],
         256 => &[tile!(64, 64, 4, 1)],
         _ => sm80_fwd_tiles(head_dim),
     }
@@ -488,6 +488,17 @@ pub const fn sm80_fwd_variant(head_dim: u32, seqlen_k: usize, causal: bool) -> u
     match head_dim {
         256 if causal && seqlen_k <= 512 => 1,
         _ => 0,
+    }
+}
+
+/// The tile (an index into `sm80_fwd_tiles(head_dim)` and `sm80_fwd_paged_tiles(head_dim)`)
+/// for calls of at most 64 query rows per (sequence, head), such as decode steps (GQA heads as
+/// rows) and their split-KV parts, where most of a 128-row block would be padding: d = 128,
+/// 64 x 64 (16-row warps). None: the general rule (`sm80_fwd_variant`).
+pub const fn sm80_fwd_short_q_variant(head_dim: u32, seqlen_q: usize) -> Option<usize> {
+    match head_dim {
+        128 if seqlen_q <= 64 => Some(2),
+        _ => None,
     }
 }
 

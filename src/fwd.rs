@@ -480,7 +480,10 @@ fn preferred_tile(kref: &KernelRef, limit: u32, dims: &Dims, causal: bool) -> Re
             crate::cells::sm90_fwd_tiles(head_dim).get(crate::cells::sm90_fwd_variant(head_dim, dims.seqlen_k, causal))
         }
         Family::Sm80 => {
-            crate::cells::sm80_fwd_tiles(head_dim).get(crate::cells::sm80_fwd_variant(head_dim, dims.seqlen_k, causal))
+            crate::cells::sm80_fwd_tiles(head_dim).get(
+                crate::cells::sm80_fwd_short_q_variant(head_dim, dims.seqlen_q)
+                    .unwrap_or(crate::cells::sm80_fwd_variant(head_dim, dims.seqlen_k, causal)),
+            )
         }
         Family::Reference | Family::Merge => None,
     };

@@ -18,8 +18,9 @@
 //! the rows of one query block per KV head (FlashAttention's `seqlenq_ngroups_swapped`), as
 //! [`crate::flash_fwd`] does.
 //!
-//! Not here yet: varlen queries over a paged cache, a split-KV decode kernel (the LSE output and
-//! [`crate::merge_states`] let a caller split the key range over several calls meanwhile).
+//! Varlen queries (chunked prefill of sequences of different lengths): [`PagedKv::with_cu_seqlens_q`].
+//! Split-KV ([`FwdOptions::num_splits`], the heuristic by default) works on dense queries here as
+//! in [`crate::flash_fwd`].
 
 use crate::cells::{Direction, HEAD_DIMS};
 use crate::dispatch::{DISPATCH_TABLE, KernelRef};
@@ -29,7 +30,7 @@ use crate::fwd::{
     choose_tile_in, fill_params, plan_split, prepare_options, split_dims, uses_ptx,
 };
 use crate::options::FwdOptions;
-use crate::params::{FLAG_PAGED, FaParams};
+use crate::params::{FLAG_PAGED, FLAG_VARLEN, FaParams};
 use crate::runtime::{self, Geometry};
 use crate::split::Split;
 use crate::tensor::{AttnElement, Layout};
@@ -54,6 +55,9 @@ pub struct PagedKv {
     page_size: usize,
     num_pages: usize,
     max_seqlen_k: usize,
+    /// Varlen queries ([`PagedKv::with_cu_seqlens_q`]): `cu_seqlens_q` on the device, its
+    /// longest sequence and its total.
+    pub(crate) cu_q: Option<(CudaSlice<i32>, usize, usize)>,
 }
 
 impl PagedKv {
@@ -127,7 +131,31 @@ impl PagedKv {
             page_size,
             num_pages,
             max_seqlen_k,
+            cu_q: None,
         })
+    }
+
+    /// Varlen queries over this cache: sequence `b`'s queries are rows `cu_seqlens_q[b] ..
+    /// cu_seqlens_q[b + 1]` of packed `q` / `out` tensors ([`Layout::varlen`]`(total_q, heads,
+    /// head_dim)`), and its LSE is `(heads, total_q)`, as in [`crate::flash_fwd_varlen`]
+    /// (chunked prefill of several sequences of different lengths against their caches, vLLM
+    /// style). `cu_seqlens_q` is int32, `batch + 1` entries, starting at 0, non-decreasing;
+    /// checked here (typed [`Error::InvalidSeqlens`]) and uploaded.
+    pub fn with_cu_seqlens_q(mut self, stream: &Arc<CudaStream>, cu_seqlens_q: &[i32]) -> Result<Self> {
+        let max_q = crate::varlen::check_cu("cu_seqlens_q", cu_seqlens_q)?;
+        if cu_seqlens_q.len() != self.batch + 1 {
+            return Err(Error::InvalidSeqlens(format!(
+                "cu_seqlens_q has {} entries for a batch of {} sequences (expected batch + 1)",
+                cu_seqlens_q.len(),
+                self.batch
+            )));
+        }
+        let total = cu_seqlens_q[self.batch] as usize;
+        let dev = stream
+            .clone_htod(cu_seqlens_q)
+            .map_err(Error::driver("uploading cu_seqlens_q"))?;
+        self.cu_q = Some((dev, max_q, total));
+        Ok(self)
     }
 
     /// Number of sequences.
@@ -169,8 +197,11 @@ pub fn flash_fwd_paged<T: AttnElement>(
     opts: &FwdOptions<'_>,
 ) -> Result<FwdInfo> {
     runtime::ensure_driver()?;
-    // A decode step's GQA heads as query rows (see `swap_decode_groups`).
-    let (t, opts) = crate::fwd::swap_decode_groups(t, opts);
+    // A decode step's GQA heads as query rows (see `swap_decode_groups`); dense queries only.
+    let (t, opts) = match paged.cu_q {
+        None => crate::fwd::swap_decode_groups(t, opts),
+        Some(_) => (t, *opts),
+    };
     let opts = &opts;
     let FwdTensors { q, k, v, out, lse } = t;
     let d = q.layout.head_dim;
@@ -183,16 +214,34 @@ pub fn flash_fwd_paged<T: AttnElement>(
             )));
         }
     }
-    if q.layout.batch != paged.batch {
+    let capacity = paged.max_pages_per_seq * paged.page_size;
+    // Dense queries: one batch entry per sequence; varlen: (1, total_q) packed rows.
+    let q_batch = match paged.cu_q {
+        None => paged.batch,
+        Some((_, _, total)) => {
+            if q.layout.seqlen != total {
+                return Err(Error::ShapeMismatch(format!(
+                    "varlen q has {} rows but cu_seqlens_q says {total}",
+                    q.layout.seqlen
+                )));
+            }
+            1
+        }
+    };
+    if q.layout.batch != q_batch {
         return Err(Error::ShapeMismatch(format!(
-            "batch of q ({}) and of the block table ({}) differ",
-            q.layout.batch, paged.batch
+            "batch of q ({}) should be {q_batch} ({})",
+            q.layout.batch,
+            if paged.cu_q.is_some() {
+                "varlen tensors are Layout::varlen(total_q, heads, head_dim)"
+            } else {
+                "the block table's batch"
+            }
         )));
     }
     // Every other rule of the dense forward, on the sequences as the kernel sees them: `batch`
     // sequences of up to max_pages_per_seq * page_size keys.
-    let capacity = paged.max_pages_per_seq * paged.page_size;
-    let logical = |l: &Layout| Layout::contiguous(paged.batch, capacity, l.heads, l.head_dim);
+    let logical = |l: &Layout| Layout::contiguous(q_batch, capacity, l.heads, l.head_dim);
     let mut dims: Dims = check_shapes(
         &q.layout,
         &logical(&k.layout),
@@ -202,6 +251,11 @@ pub fn flash_fwd_paged<T: AttnElement>(
         Impl::Flash,
     )?;
     dims.seqlen_k = paged.max_seqlen_k;
+    if let Some((_, max_q, total)) = paged.cu_q {
+        dims.batch = paged.batch;
+        dims.seqlen_q = max_q;
+        dims.total_q = total;
+    }
     debug_assert!(HEAD_DIMS.contains(&(d as u32)));
     let prep = prepare_options(opts, &dims, None, stream)?;
 
@@ -222,9 +276,21 @@ pub fn flash_fwd_paged<T: AttnElement>(
     let smem_limit = ov
         .smem_limit
         .map_or(info.max_smem_optin, |l| l.min(info.max_smem_optin));
-    let pick_tile = |k: &KernelRef| choose_tile_in(k.image.paged_kernels, k.key(), "paged ", smem_limit, ov.variant);
+    // Short query blocks (decode steps) prefer the cell's short-query tile where it has one.
+    let short = crate::cells::sm80_fwd_short_q_variant(d as u32, dims.seqlen_q);
+    let pick_tile = |k: &KernelRef| {
+        let kernels = k.image.paged_kernels;
+        let preferred = ov.variant.is_none().then_some(short).flatten().and_then(|i| {
+            let want = crate::cells::sm80_fwd_paged_tiles(d as u32).get(i)?;
+            kernels.iter().find(|e| &e.tile == want && e.smem_bytes <= smem_limit)
+        });
+        match preferred {
+            Some(e) => Ok(e),
+            None => choose_tile_in(kernels, k.key(), "paged ", smem_limit, ov.variant),
+        }
+    };
     let entry = pick_tile(&kref)?;
-    let (kref, entry, n_splits) = plan_split(kref, entry, &key, opts, &info, &dims, false, pick_tile)?;
+    let (kref, entry, n_splits) = plan_split(kref, entry, &key, opts, &info, &dims, paged.cu_q.is_some(), pick_tile)?;
     let jit_ptx = uses_ptx(&kref, ov.force_ptx)?;
     let geom = Geometry {
         grid: (
@@ -284,6 +350,15 @@ pub fn flash_fwd_paged<T: AttnElement>(
     params.seqused_k = seqlens_ptr as *const i32;
     params.seqlen_k = capacity as i32;
     params.flags |= FLAG_PAGED;
+    let _g_cu_q = paged.cu_q.as_ref().map(|(cu, _, _)| {
+        // Varlen queries: global rows (no batch stride), sequence b from cu_seqlens_q.
+        let (ptr, g) = cu.device_ptr(stream);
+        params.cu_seqlens_q = ptr as *const i32;
+        params.q_batch_stride = 0;
+        params.o_batch_stride = 0;
+        params.flags |= FLAG_VARLEN;
+        g
+    });
     if let Some(sp) = &split {
         (params.o_partial, params.lse_partial) = sp.partial_ptrs(stream);
         params.num_splits = n_splits as i32;

@@ -18,7 +18,7 @@ pub struct VarlenSeqlens {
     max_k: usize,
 }
 
-fn check_cu(name: &str, cu: &[i32]) -> Result<usize> {
+pub(crate) fn check_cu(name: &str, cu: &[i32]) -> Result<usize> {
     if cu.len() < 2 {
         return Err(Error::InvalidSeqlens(format!(
             "{name} needs batch + 1 >= 2 entries, got {}",

@@ -55,8 +55,9 @@ struct FwdTile {
     // The block indices are re-read at each call (ptx::block_idx_*), so a kernel may call this
     // again after its main loop instead of holding the pointers in registers across it.
     //
-    // kPaged: K/V come from a paged cache (FA_FLAG_PAGED; queries dense): the key count of a
-    // sequence is seqused_k[b] (the host always sets it), and k / v are the pool's head bases.
+    // kPaged: K/V come from a paged cache (FA_FLAG_PAGED; queries dense, or varlen with
+    // FA_FLAG_VARLEN): the key count of a sequence is seqused_k[b] (the host always sets it), and
+    // k / v are the pool's head bases.
     template <bool kPaged = false>
     __device__ __forceinline__ static FwdTile make(const FaParams& p) {
         FwdTile t;
@@ -92,29 +93,36 @@ struct FwdTile {
         }
         t.head_k = t.head / (p.num_heads / p.num_heads_k);
 
-        const bool varlen = !kPaged && (p.flags & FA_FLAG_VARLEN) != 0;
+        // Varlen queries (FA_FLAG_VARLEN): rows from cu_seqlens_q; varlen keys too, except for a
+        // paged cache, whose keys are addressed through the block table.
+        const bool varlen = (p.flags & FA_FLAG_VARLEN) != 0;
+        const bool varlen_k = !kPaged && varlen;
         int64_t q_row0 = 0, k_row0 = 0;  // global row of this sequence's first row (varlen)
         if (varlen) {
             q_row0 = p.cu_seqlens_q[t.batch];
-            k_row0 = p.cu_seqlens_k[t.batch];
             t.seqlen_q = p.cu_seqlens_q[t.batch + 1] - p.cu_seqlens_q[t.batch];
-            t.seqlen_k = p.cu_seqlens_k[t.batch + 1] - p.cu_seqlens_k[t.batch];
         } else {
             t.seqlen_q = p.seqlen_q;
+        }
+        if (varlen_k) {
+            k_row0 = p.cu_seqlens_k[t.batch];
+            t.seqlen_k = p.cu_seqlens_k[t.batch + 1] - p.cu_seqlens_k[t.batch];
+        } else {
             t.seqlen_k = p.seqlen_k;
         }
         if (p.seqused_k != nullptr) t.seqlen_k = p.seqused_k[t.batch];
 
         // Varlen rows are global (the batch stride is unused); dense rows are per batch.
         const int64_t b = varlen ? 0 : t.batch;
+        const int64_t b_k = varlen_k ? 0 : t.batch;
         t.q = static_cast<const T*>(p.q) + b * p.q_batch_stride + q_row0 * p.q_row_stride + t.head * p.q_head_stride;
         if constexpr (kPaged) {
             t.k = static_cast<const T*>(p.k) + t.head_k * p.k_head_stride;
             t.v = static_cast<const T*>(p.v) + t.head_k * p.v_head_stride;
             t.pages = p.block_table + static_cast<int64_t>(t.batch) * p.block_table_batch_stride;
         } else {
-            t.k = static_cast<const T*>(p.k) + b * p.k_batch_stride + k_row0 * p.k_row_stride + t.head_k * p.k_head_stride;
-            t.v = static_cast<const T*>(p.v) + b * p.v_batch_stride + k_row0 * p.v_row_stride + t.head_k * p.v_head_stride;
+            t.k = static_cast<const T*>(p.k) + b_k * p.k_batch_stride + k_row0 * p.k_row_stride + t.head_k * p.k_head_stride;
+            t.v = static_cast<const T*>(p.v) + b_k * p.v_batch_stride + k_row0 * p.v_row_stride + t.head_k * p.v_head_stride;
             t.pages = nullptr;
         }
         t.o = static_cast<T*>(p.o) + b * p.o_batch_stride + q_row0 * p.o_row_stride + t.head * p.o_head_stride;

@@ -29,6 +29,8 @@ struct Paged {
     /// Sequence 1 reuses sequence 0's first page (a shared prefix), when both are long enough.
     share_first_page: bool,
     variant: Option<usize>,
+    /// Varlen queries (`PagedKv::with_cu_seqlens_q`): sequence b has q_lens[b] queries.
+    q_lens: Option<Vec<usize>>,
 }
 
 impl Paged {
@@ -38,6 +40,7 @@ impl Paged {
             lens,
             page_size,
             padded_pool: false,
+            q_lens: None,
             share_first_page: false,
             variant: None,
         }
@@ -76,11 +79,12 @@ fn build<T: HostElem>(g: &Gpu, t: &Paged) -> Result<Built<T>, String> {
     let (b, sq, h, hk, d) = (c.batch, c.seqlen_q, c.heads, c.heads_k, c.head_dim);
     assert_eq!(t.lens.len(), b);
     let mut problem = c.problem();
-    problem.seqlens_q = vec![sq; b];
+    problem.seqlens_q = t.q_lens.clone().unwrap_or(vec![sq; b]);
     problem.seqlens_k = t.lens.clone();
     let total_k: usize = t.lens.iter().sum();
+    let total_q: usize = problem.seqlens_q.iter().sum();
     let mut rng = cpu::Rng::new(c.seed);
-    let q = cpu::randn_plus_half(&mut rng, b * sq * h * d, T::PREC);
+    let q = cpu::randn_plus_half(&mut rng, total_q * h * d, T::PREC);
     let mut k = cpu::randn_plus_half(&mut rng, total_k * hk * d, T::PREC);
     let mut v = cpu::randn_plus_half(&mut rng, total_k * hk * d, T::PREC);
 
@@ -138,7 +142,14 @@ fn build<T: HostElem>(g: &Gpu, t: &Paged) -> Result<Built<T>, String> {
     }
     let s = &g.stream;
     let lens: Vec<i32> = t.lens.iter().map(|&l| l as i32).collect();
-    let paged = PagedKv::new(s, &table, max_pages, p, num_pages, &lens).map_err(e)?;
+    let mut paged = PagedKv::new(s, &table, max_pages, p, num_pages, &lens).map_err(e)?;
+    if let Some(ql) = &t.q_lens {
+        let mut cu = vec![0i32];
+        for &n in ql {
+            cu.push(cu.last().unwrap() + n as i32);
+        }
+        paged = paged.with_cu_seqlens_q(s, &cu).map_err(e)?;
+    }
     let q_h: Vec<T> = q.iter().map(|&x| T::from_f32(x)).collect();
     let alibi = match &problem.alibi_slopes {
         Some(sl) => Some(s.clone_htod(sl).map_err(e)?),
@@ -196,9 +207,13 @@ fn check<T: HostElem>(g: &Gpu, t: &Paged) -> Result<FwdInfo, String> {
     let bt = build::<T>(g, t)?;
     let (b, sq, h, d) = (c.batch, c.seqlen_q, c.heads, c.head_dim);
     let s = &g.stream;
-    let ql = Layout::contiguous(b, sq, h, d);
-    let mut out = s.clone_htod(&vec![T::from_f32(f32::NAN); b * sq * h * d]).map_err(e)?;
-    let mut lse = s.clone_htod(&vec![f32::NAN; b * h * sq]).map_err(e)?;
+    let total_q: usize = bt.problem.seqlens_q.iter().sum();
+    let ql = match &t.q_lens {
+        Some(_) => Layout::varlen(total_q, h, d),
+        None => Layout::contiguous(b, sq, h, d),
+    };
+    let mut out = s.clone_htod(&vec![T::from_f32(f32::NAN); total_q * h * d]).map_err(e)?;
+    let mut lse = s.clone_htod(&vec![f32::NAN; total_q * h]).map_err(e)?;
     let opts = options(c, &bt, t.variant);
     let info = flash_fwd_paged(
         s,
@@ -220,9 +235,11 @@ fn check<T: HostElem>(g: &Gpu, t: &Paged) -> Result<FwdInfo, String> {
     let (base_o, base_lse) = cpu::forward_lowp(&bt.problem, &bt.q, &bt.k, &bt.v, T::PREC);
     let ctx = || format!("{} ({:?})\ncase: {t:?}", info.symbol, info.routed_from);
     cpu::check_close("O", &o, &r.o, &base_o, cpu::atol_for(T::PREC, &r.o)).map_err(|m| format!("{m}\n{}", ctx()))?;
-    if c.with_lse {
+    if c.with_lse && t.q_lens.is_some() {
+        // Varlen: already the reference's [h][total_q].
+        cpu::check_close("LSE", &l, &r.lse, &base_lse, 1e-4).map_err(|m| format!("{m}\n{}", ctx()))?;
+    } else if c.with_lse {
         // (b, h, sq) -> the reference's [h][total_q].
-        let total_q = b * sq;
         let mut m = vec![0f32; h * total_q];
         for bb in 0..b {
             for hh in 0..h {
@@ -326,6 +343,36 @@ fn cell_tests<T: HostElem>(key: String, d: usize, variants: usize, tests: &mut V
         }
         Ok(())
     }));
+    // Varlen queries over the cache (chunked prefill of sequences of different lengths, an empty
+    // one and a single-query one among them): causal, and a window with sink tokens and logits.
+    for (name, mask, sinks) in [
+        ("causal", Mask::Causal(CausalAlign::BottomRight), false),
+        (
+            "window_sinks",
+            Mask::Window {
+                left: Some(50),
+                right: Some(0),
+                align: CausalAlign::BottomRight,
+            },
+            true,
+        ),
+        ("top_left_causal", Mask::Causal(CausalAlign::TopLeft), false),
+    ] {
+        let mut c = Case::new(0, 0, d);
+        c.batch = 4;
+        c.heads = 8;
+        c.heads_k = 2;
+        c.mask = mask;
+        if sinks {
+            c.sink_tokens = 4;
+            c.sink_logits = true;
+        }
+        let mut t = Paged::new(c, vec![300, 40, 700, 129], 16);
+        t.q_lens = Some(vec![37, 0, 150, 1]);
+        tests.push(Test::new(format!("paged::{key}::varlen_q_{name}"), move |g| {
+            check::<T>(g, &t).map(|_| ())
+        }));
+    }
     // On Hopper the request is routed to the sm80 family, and says so.
     let c = causal(Case::new(4, 0, d));
     let t = Paged::new(c, vec![90, 200], 16);
@@ -398,6 +445,55 @@ fn error_tests(tests: &mut Vec<Test<Gpu>>) {
             );
             if !matches!(r, Err(Error::ShapeMismatch(_))) {
                 return Err(format!("{what}: expected ShapeMismatch, got {r:?}"));
+            }
+            s.synchronize().map_err(e)?;
+            let o: Vec<half::bf16> = s.clone_dtoh(&out).map_err(e)?;
+            if o.iter().any(|x| !x.is_nan()) {
+                return Err(format!("{what}: out was written"));
+            }
+        }
+        Ok(())
+    }));
+    tests.push(Test::new("paged::errors::varlen_q", |g: &Gpu| {
+        let s = &g.stream;
+        let d = 128;
+        let paged = || PagedKv::new(s, &[0, 1, 2, 3], 2, 16, 4, &[20, 32]);
+        for cu in [&[0, 3][..], &[0, 4, 2], &[1, 2, 3]] {
+            let r = paged().map_err(e)?.with_cu_seqlens_q(s, cu);
+            if !matches!(r, Err(Error::InvalidSeqlens(_))) {
+                return Err(format!("cu_seqlens_q {cu:?}: expected InvalidSeqlens, got {r:?}"));
+            }
+        }
+        let paged = paged().map_err(e)?.with_cu_seqlens_q(s, &[0, 3, 5]).map_err(e)?;
+        let q = s.alloc_zeros::<half::bf16>(6 * 4 * d).map_err(e)?;
+        let pool = Layout::contiguous(4, 16, 2, d);
+        let k = s.alloc_zeros::<half::bf16>(4 * 16 * 2 * d).map_err(e)?;
+        let v = s.alloc_zeros::<half::bf16>(4 * 16 * 2 * d).map_err(e)?;
+        let cases = [
+            ("rows", Layout::varlen(6, 4, d), FwdOptions::new()),
+            ("dense batch", Layout::contiguous(2, 3, 4, d), FwdOptions::new()),
+            ("split", Layout::varlen(5, 4, d), FwdOptions::new().num_splits(2)),
+        ];
+        for (what, ql, opts) in cases {
+            let mut out = s.clone_htod(&vec![half::bf16::NAN; 6 * 4 * d]).map_err(e)?;
+            let r = flash_fwd_paged(
+                s,
+                FwdTensors {
+                    q: Tensor::new(&q, ql),
+                    k: Tensor::new(&k, pool),
+                    v: Tensor::new(&v, pool),
+                    out: TensorMut::new(&mut out, ql),
+                    lse: None,
+                },
+                &paged,
+                &opts,
+            );
+            let ok = match what {
+                "split" => matches!(r, Err(Error::InvalidArgument(_))),
+                _ => matches!(r, Err(Error::ShapeMismatch(_))),
+            };
+            if !ok {
+                return Err(format!("{what}: unexpected {r:?}"));
             }
             s.synchronize().map_err(e)?;
             let o: Vec<half::bf16> = s.clone_dtoh(&out).map_err(e)?;
