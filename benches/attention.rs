@@ -24,7 +24,8 @@
 //!
 //! `--decode` times decode steps of small batches over long caches (1-16 sequences, 8k-128k
 //! keys, 32 / 8 heads, d 128): unsplit on the device's family and on the sm80 family, the
-//! split-KV heuristic (`num_splits` 0) dense and over pages of 16. `benches/decode.py` times
+//! split-KV heuristic (`num_splits` 0) on the device's family, on the sm80 family, and over
+//! pages of 16. `benches/decode.py` times
 //! PyTorch's SDPA backends on the same cases.
 
 use cudarc::driver::sys::CUevent_flags;
@@ -216,8 +217,8 @@ fn main() {
     if a.decode {
         // Decode steps (sq = 1, 32 / 8 heads, d 128, no mask: what a bottom-right causal step
         // sees) of small batches over long caches: unsplit on the device's own family, unsplit
-        // on the sm80 family, the split-KV heuristic (num_splits 0), and the heuristic over the
-        // same keys in shuffled pages of 16. GB/s = K and V bytes / time.
+        // on the sm80 family, the split-KV heuristic (num_splits 0) on each, and the heuristic
+        // over the same keys in shuffled pages of 16. GB/s = K and V bytes / time.
         let (h, hk, d) = (32usize, 8usize, 128usize);
         let cases: [(usize, usize); 7] = [
             (1, 8192),
@@ -236,8 +237,8 @@ fn main() {
             .clone_htod(&random_pool(9)[..max_kv.min(max_elems)].repeat(max_kv.div_ceil(max_elems))[..max_kv])
             .unwrap();
         println!(
-            "{:>5} {:>6} {:>10} {:>10} {:>10} {:>6} {:>10} {:>8} {:>8}",
-            "batch", "L", "own ms", "sm80 ms", "split ms", "parts", "paged ms", "own GB/s", "splt GB/s"
+            "{:>5} {:>6} {:>10} {:>10} {:>10} {:>6} {:>10} {:>10} {:>8} {:>8}",
+            "batch", "L", "own ms", "sm80 ms", "split ms", "parts", "s80spl ms", "paged ms", "own GB/s", "splt GB/s"
         );
         for (b, l) in cases {
             let ql = Layout::contiguous(b, 1, h, d);
@@ -248,6 +249,10 @@ fn main() {
                 ..Default::default()
             });
             let auto = FwdOptions::new();
+            let sm80_split = auto.kernel_override(KernelOverride {
+                family: Some(Family::Sm80),
+                ..Default::default()
+            });
             let mut parts = 0;
             let mut run_dense = |opts: &FwdOptions<'_>, parts: &mut usize| {
                 let t = FwdTensors {
@@ -263,6 +268,7 @@ fn main() {
             let ms_own = time_ms(&mut || run_dense(&own, &mut ignore));
             let ms_sm80 = time_ms(&mut || run_dense(&sm80, &mut ignore));
             let ms_split = time_ms(&mut || run_dense(&auto, &mut parts));
+            let ms_sm80_split = time_ms(&mut || run_dense(&sm80_split, &mut ignore));
             let page = 16usize;
             let pages_per_seq = l / page;
             let num_pages = b * pages_per_seq;
@@ -289,7 +295,7 @@ fn main() {
             });
             let kv_bytes = (2 * b * l * hk * d * 2) as f64;
             println!(
-                "{b:>5} {l:>6} {ms_own:>10.4} {ms_sm80:>10.4} {ms_split:>10.4} {parts:>6} {ms_paged:>10.4} {:>8.0} {:>8.0}",
+                "{b:>5} {l:>6} {ms_own:>10.4} {ms_sm80:>10.4} {ms_split:>10.4} {parts:>6} {ms_sm80_split:>10.4} {ms_paged:>10.4} {:>8.0} {:>8.0}",
                 kv_bytes / ms_own / 1e6,
                 kv_bytes / ms_split / 1e6
             );

@@ -804,25 +804,20 @@ fn sm90_tile_counter(stream: &Arc<CudaStream>) -> Result<Option<u64>> {
     Ok(Some(ptr))
 }
 
-/// The split-KV decision of a forward call (see `crate::split`): the kernel, its tile and the
-/// part count. `kref` / `entry` are what the call would run unsplit; `tile_of` picks a tile in
-/// another cell (the sm80 one, when the preferred family is sm90). Returns them unchanged with
-/// 1 part unless the call splits.
-#[allow(clippy::too_many_arguments)]
+/// The split-KV part count of a forward call (see `crate::split`) on the kernel `entry` of
+/// `kref` would run: 1 unless the call splits. Both forward families split (the sm80 kernels
+/// with `batch * splits` grid blocks, the persistent sm90 kernel with that many tiles).
 pub(crate) fn plan_split(
-    kref: KernelRef,
-    entry: &'static KernelEntry,
-    key: &DispatchKey,
+    kref: &KernelRef,
+    entry: &KernelEntry,
     opts: &FwdOptions<'_>,
     info: &runtime::DeviceInfo,
     dims: &Dims,
     varlen: bool,
-    tile_of: impl Fn(&KernelRef) -> Result<&'static KernelEntry>,
-) -> Result<(KernelRef, &'static KernelEntry, usize)> {
+) -> Result<usize> {
     let want = opts.num_splits as usize;
-    let unsplit = Ok((kref, entry, 1));
     if want == 1 {
-        return unsplit;
+        return Ok(1);
     }
     if want > crate::split::MAX_SPLITS {
         return Err(Error::InvalidArgument(format!(
@@ -833,48 +828,24 @@ pub(crate) fn plan_split(
     if varlen {
         if want >= 2 {
             return Err(Error::InvalidArgument(
-                "split-KV (num_splits >= 2) does not take varlen calls".into(),
+                "split-KV (num_splits >= 2) does not take varlen queries".into(),
             ));
         }
-        return unsplit;
+        return Ok(1);
     }
-    let work = |e: &KernelEntry| dims.seqlen_q.div_ceil(e.tile.block_m as usize) * dims.heads * dims.batch;
-    let (k80, e80) = if kref.cell().family == Family::Sm80 {
-        (kref, entry)
-    } else {
-        if let Some(f) = opts.kernel_override.family {
-            if want >= 2 {
-                return Err(Error::InvalidArgument(format!(
-                    "split-KV runs on the sm80 family, but the {} family was forced",
-                    f.tag()
-                )));
-            }
-            return unsplit;
-        }
-        // Auto: leave the sm90 kernel its call unless it would keep fewer than half the SMs busy.
-        if want == 0 && work(entry) * 2 >= info.sm_count as usize {
-            return unsplit;
-        }
-        match DISPATCH_TABLE.lookup_family(key, Direction::Fwd, Family::Sm80) {
-            Ok(k) => {
-                let e = tile_of(&k)?;
-                (k, e)
-            }
-            Err(e) if want >= 2 => return Err(e),
-            Err(_) => return unsplit,
-        }
+    // Thread blocks the GPU runs at once: 2 per SM for the 4-warp sm80 tiles (FwdKernel's
+    // kMinBlocksPerSm), 1 for the 8-warp ones and for the persistent sm90 kernel.
+    let per_sm = match kref.cell().family {
+        Family::Sm80 if entry.tile.warps <= 4 => 2,
+        Family::Sm80 | Family::Sm90 => 1,
+        Family::Reference | Family::Merge => return Ok(1),
     };
-    let n = if want >= 2 {
-        want
-    } else {
-        let per_sm = if e80.tile.warps <= 4 { 2 } else { 1 };
-        let n_blocks = dims.seqlen_k.div_ceil(e80.tile.block_n as usize);
-        crate::split::heuristic(work(e80), n_blocks, info.sm_count as usize * per_sm)
-    };
-    if n <= 1 {
-        return unsplit;
+    if want >= 2 {
+        return Ok(want);
     }
-    Ok((k80, e80, n))
+    let work = dims.seqlen_q.div_ceil(entry.tile.block_m as usize) * dims.heads * dims.batch;
+    let n_blocks = dims.seqlen_k.div_ceil(entry.tile.block_n as usize);
+    Ok(crate::split::heuristic(work, n_blocks, info.sm_count as usize * per_sm))
 }
 
 /// The sizes a split call's workspace and combine cover.
@@ -930,14 +901,13 @@ pub(crate) fn run_fwd<T: AttnElement>(
     let smem_limit = ov
         .smem_limit
         .map_or(info.max_smem_optin, |l| l.min(info.max_smem_optin));
-    let pick_tile = |k: &KernelRef| match ov.variant {
-        None => preferred_tile(k, smem_limit, &dims, prep.causal),
-        variant => choose_tile(k, smem_limit, variant),
+    let entry = match ov.variant {
+        None => preferred_tile(&kref, smem_limit, &dims, prep.causal)?,
+        variant => choose_tile(&kref, smem_limit, variant)?,
     };
-    let entry = pick_tile(&kref)?;
-    let (kref, entry, n_splits) = match imp {
-        Impl::Flash => plan_split(kref, entry, &key, opts, &info, &dims, seqlens.is_some(), pick_tile)?,
-        Impl::Reference => (kref, entry, 1),
+    let n_splits = match imp {
+        Impl::Flash => plan_split(&kref, entry, opts, &info, &dims, seqlens.is_some())?,
+        Impl::Reference => 1,
     };
     let jit_ptx = uses_ptx(&kref, ov.force_ptx)?;
     let m_blocks = dims.seqlen_q.div_ceil(entry.tile.block_m as usize);
@@ -965,7 +935,7 @@ pub(crate) fn run_fwd<T: AttnElement>(
         // Persistent: one block per SM (at most one per tile); the kernel walks the tiles.
         Family::Sm90 => Geometry {
             grid: (
-                (m_blocks * dims.heads * dims.batch).min(info.sm_count as usize) as u32,
+                (m_blocks * dims.heads * dims.batch * n_splits).min(info.sm_count as usize) as u32,
                 1,
                 1,
             ),

@@ -177,9 +177,9 @@ impl<'a> FwdOptions<'a> {
     /// `num_splits`). `0` (the default) lets [`crate::split_kv_heuristic`] decide from the
     /// call's size and the GPU (it splits only calls that fill less than 80% of one wave, such
     /// as decode steps of small batches); `1` never splits; `2..=`[`crate::MAX_SPLITS`] splits
-    /// into exactly that many parts. Splitting runs on the sm80 family (on sm_90 a split call is
-    /// routed there, visibly in [`crate::FwdInfo`]), allocates an fp32 workspace on the stream
-    /// for the call, and is not available for varlen calls (`n >= 2` there is an error).
+    /// into exactly that many parts. Both forward families split (reported in
+    /// [`crate::FwdInfo::num_splits`]); a split call allocates an fp32 workspace on the stream
+    /// for the call; varlen queries are never split (`n >= 2` there is an error).
     pub fn num_splits(mut self, n: u32) -> Self {
         self.num_splits = n;
         self

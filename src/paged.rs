@@ -23,7 +23,7 @@
 //! in [`crate::flash_fwd`].
 
 use crate::cells::{Direction, HEAD_DIMS};
-use crate::dispatch::{DISPATCH_TABLE, KernelRef};
+use crate::dispatch::DISPATCH_TABLE;
 use crate::error::{Error, Result};
 use crate::fwd::{
     Dims, FwdInfo, FwdTensors, Impl, Pointers, check_device, check_fwd_addresses, check_fwd_buffers, check_shapes,
@@ -278,19 +278,16 @@ pub fn flash_fwd_paged<T: AttnElement>(
         .map_or(info.max_smem_optin, |l| l.min(info.max_smem_optin));
     // Short query blocks (decode steps) prefer the cell's short-query tile where it has one.
     let short = crate::cells::sm80_fwd_short_q_variant(d as u32, dims.seqlen_q);
-    let pick_tile = |k: &KernelRef| {
-        let kernels = k.image.paged_kernels;
-        let preferred = ov.variant.is_none().then_some(short).flatten().and_then(|i| {
-            let want = crate::cells::sm80_fwd_paged_tiles(d as u32).get(i)?;
-            kernels.iter().find(|e| &e.tile == want && e.smem_bytes <= smem_limit)
-        });
-        match preferred {
-            Some(e) => Ok(e),
-            None => choose_tile_in(kernels, k.key(), "paged ", smem_limit, ov.variant),
-        }
+    let kernels = kref.image.paged_kernels;
+    let preferred = ov.variant.is_none().then_some(short).flatten().and_then(|i| {
+        let want = crate::cells::sm80_fwd_paged_tiles(d as u32).get(i)?;
+        kernels.iter().find(|e| &e.tile == want && e.smem_bytes <= smem_limit)
+    });
+    let entry = match preferred {
+        Some(e) => e,
+        None => choose_tile_in(kernels, kref.key(), "paged ", smem_limit, ov.variant)?,
     };
-    let entry = pick_tile(&kref)?;
-    let (kref, entry, n_splits) = plan_split(kref, entry, &key, opts, &info, &dims, paged.cu_q.is_some(), pick_tile)?;
+    let n_splits = plan_split(&kref, entry, opts, &info, &dims, paged.cu_q.is_some())?;
     let jit_ptx = uses_ptx(&kref, ov.force_ptx)?;
     let geom = Geometry {
         grid: (

@@ -14,10 +14,14 @@
 //!   stream for the call and freed after it (stream-ordered), as FlashAttention's
 //!   `flash_attn_with_kvcache` allocates its accumulators.
 //!
+//! - The sm90 forward kernel (persistent) takes it too: `batch * num_splits` is its scheduler's
+//!   batch dimension, part `s` of a tile walks the `s`-th share of its KV blocks
+//!   (`KvBlocks::part` in csrc/sm90/scheduler.cuh) and writes the same fp32 partial results.
+//!
 //! [`crate::FwdOptions::num_splits`] picks the count: `0` (the default) lets [`heuristic`]
-//! choose, `1` never splits, `n >= 2` splits into `n` parts (at most [`MAX_SPLITS`]). Splitting
-//! runs on the sm80 family only: on sm_90 a split call goes to it and [`crate::FwdInfo`]
-//! says so (`routed_from`, `num_splits`). Varlen calls are never split.
+//! choose, `1` never splits, `n >= 2` splits into `n` parts (at most [`MAX_SPLITS`]), on
+//! whichever family serves the call; [`crate::FwdInfo::num_splits`] reports it. Varlen queries
+//! are never split.
 
 use crate::cells::{Cell, DType, Direction, Family};
 use crate::dispatch::{DISPATCH_TABLE, not_compiled};

@@ -126,11 +126,51 @@ struct Epilogue {
         }
     }
 
-    // A tile with no visible key: O = 0, LSE = -inf (or the sink logit) for this warpgroup's rows.
+    // Split-KV part (p.num_splits > 1, dense queries): row (split, b, h, i) of the fp32 partial
+    // results, at ((split * batch + b) * heads + h) * sq + i (src/split.rs).
+    __device__ __forceinline__ static int64_t partial_row(const FaParams& p, const Work& w, int i) {
+        return ((static_cast<int64_t>(w.coord.split) * p.batch + w.coord.batch) * p.num_heads + w.coord.head) *
+                   p.seqlen_q +
+               i;
+    }
+
+    // A split-KV part's O (normalised by the part's own sum, fp32, 8-byte stores straight from
+    // the accumulator layout) and LSE (without the sink logit, which the combine adds).
+    __device__ static void store_partial(const FaParams& p, const Work& w, int wg, int thread_in_wg,
+                                         const float (&o)[D / 2], const float (&lse)[2]) {
+        AccCoord const ac(opaque(thread_in_wg));
+        int const row_first = w.row_first() + 64 * wg;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            int const r = row_first + ac.row0 + 8 * h;
+            if (r >= w.seq.sq) continue;
+            int64_t const row = partial_row(p, w, r);
+            float* const dst = p.o_partial + row * D + ac.col0;
+#pragma unroll
+            for (int c = 0; c < D / 8; ++c) {
+                *reinterpret_cast<float2*>(dst + 8 * c) = make_float2(o[4 * c + 2 * h], o[4 * c + 2 * h + 1]);
+            }
+            if (ac.col0 == 0) p.lse_partial[row] = lse[h];
+        }
+    }
+
+    // A tile with no visible key: O = 0, LSE = -inf (or the sink logit) for this warpgroup's rows;
+    // a split-KV part: O = 0, LSE = -inf in the partial results.
     __device__ static void store_zero(const FaParams& p, const Work& w, int wg, int thread_in_wg) {
         int const row_first = w.row_first() + 64 * wg;
         int const valid = w.seq.sq - row_first < 64 ? w.seq.sq - row_first : 64;
         if (valid <= 0) return;
+        if (p.num_splits > 1) {
+#pragma unroll 1
+            for (int idx = thread_in_wg; idx < valid * (D / 4); idx += kThreadsPerWarpgroup) {
+                int const r = idx / (D / 4);
+                int const chunk = idx - r * (D / 4);
+                *reinterpret_cast<float4*>(p.o_partial + partial_row(p, w, row_first + r) * D + chunk * 4) =
+                    make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            }
+            if (thread_in_wg < valid) p.lse_partial[partial_row(p, w, row_first + thread_in_wg)] = -INFINITY;
+            return;
+        }
         T* const o_ptr = static_cast<T*>(p.o);
 #pragma unroll 1
         for (int idx = thread_in_wg; idx < valid * kChunksPerRow; idx += kThreadsPerWarpgroup) {

@@ -18,7 +18,7 @@
 //     NAME(const __grid_constant__ FaParams p, const __grid_constant__ CUtensorMap tma_q,
 //          const __grid_constant__ CUtensorMap tma_k, const __grid_constant__ CUtensorMap tma_v)
 // Grid:  (min(num_sms, total_tiles), 1, 1), total_tiles = ceil(p.seqlen_q / BM) * p.num_heads
-//        * p.batch (p.seqlen_q: the max over sequences for varlen). Persistent: the kernel walks
+//        * p.batch (* p.num_splits when > 1) (p.seqlen_q: the max over sequences for varlen). Persistent: the kernel walks
 //        its tiles itself (L2 sections, longest first; scheduler.cuh): round-robin when
 //        p.semaphore is null, else claimed from the int32 counter p.semaphore points to, which
 //        must be 0 at launch (the launcher sets it for causal / window masks and varlen).
@@ -32,6 +32,11 @@
 //     rows = seqlen_q / seqlen_k (dense, batch = p.batch) or total_q / total_k (varlen, batch 1)
 // The kernel issues box coordinates (0, row, 0, head, batch) with row = q_row0 + i (varlen: the
 // global row cu_seqlens[b] + i, batch coordinate 0). O and LSE are written with plain stores.
+// Split-KV (p.num_splits > 1, dense queries, src/split.rs): total_tiles is multiplied by
+// num_splits (batch x splits is the scheduler's batch dimension); part s of a tile visits the
+// s-th share of its KV blocks (KvBlocks::part) and writes fp32 O / LSE (no sink logit) to
+// p.o_partial / p.lse_partial (Epilogue::store_partial), combined by the merge cell's split
+// kernel.
 // ================================================================================================
 #pragma once
 
@@ -140,13 +145,19 @@ __device__ __forceinline__ void fwd_kernel(const FaParams& p, const CUtensorMap*
             // The epilogue re-reads the tile index and re-derives the tile rather than keeping
             // them in registers through the main loop (register pressure: the loop holds S, P, O).
             Work const we(p, Sched::coord(p, feed.current(bars)));
-            bool const has_sink = p.sink_logits != nullptr;
+            // Split-KV: the sink logit joins the denominator only where the parts are combined.
+            bool const split = p.num_splits > 1;
+            bool const has_sink = p.sink_logits != nullptr && !split;
             float const sink_logit = has_sink ? p.sink_logits[we.coord.head] : 0.0f;
             float o_scale[2];
             float lse[2];
             softmax.finalize(ScoreMod::exp2_scale_of(p), has_sink, sink_logit, o_scale, lse);
             ML::Consumer::rescale(o, o_scale);
-            Epi::store(p, we, cwg, thread_in_wg, o, lse);
+            if (split) {
+                Epi::store_partial(p, we, cwg, thread_in_wg, o, lse);
+            } else {
+                Epi::store(p, we, cwg, thread_in_wg, o, lse);
+            }
             feed.release(bars);
         }
     }

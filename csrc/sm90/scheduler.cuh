@@ -13,12 +13,17 @@ namespace fa::sm90 {
 
 __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
-// One work tile: BM query rows of one (batch, head).
+// One work tile: BM query rows of one (batch, head), and its split-KV part (0 unless
+// p.num_splits > 1).
 struct TileCoord {
     int m_block;
     int head;
     int batch;
+    int split;
 };
+
+// Split-KV parts per (batch, head): each is a separate tile over a share of the KV blocks.
+__device__ __forceinline__ int num_splits(const FaParams& p) { return p.num_splits > 1 ? p.num_splits : 1; }
 
 // Persistent scheduler. Grid = min(#SMs, total tiles); CTA c starts with tile c. Then either
 //   - static: CTA c takes tiles c, c + grid, c + 2 grid, ... (p.semaphore null: tiles of equal
@@ -50,9 +55,9 @@ struct TileScheduler {
     static constexpr int kL2Budget = 32 << 20;
 
     __device__ __forceinline__ static int num_m_blocks(const FaParams& p) { return ceil_div(p.seqlen_q, BM); }
-    __device__ __forceinline__ static int total(const FaParams& p) {
-        return num_m_blocks(p) * p.num_heads * p.batch;
-    }
+    // (batch, split, head) triples: the scheduler treats batch x splits as its batch dimension.
+    __device__ __forceinline__ static int num_hb(const FaParams& p) { return p.num_heads * p.batch * num_splits(p); }
+    __device__ __forceinline__ static int total(const FaParams& p) { return num_m_blocks(p) * num_hb(p); }
     // (batch, head) pairs per L2 section.
     // - Tiles of equal length (static round-robin: no mask, dense): one wave's worth, the fewest
     //   pairs that give every CTA a tile (ceil(grid / m_blocks)), capped by the budget. The CTAs
@@ -66,7 +71,7 @@ struct TileScheduler {
     //   sections measured 4-13% slower under a causal mask at 1k-2k, and 8 MB sections 3-8%
     //   slower at 4k-16k.
     __device__ __forceinline__ static int section_hb(const FaParams& p) {
-        int const num_hb = p.num_heads * p.batch;
+        int const num_hb = TileScheduler::num_hb(p);
         int section = (kL2Budget / KV_BYTES_PER_KEY) / (p.seqlen_k > 0 ? p.seqlen_k : 1);
         if (p.semaphore == nullptr) {
             int const wave = ceil_div(static_cast<int>(gridDim.x), num_m_blocks(p));
@@ -94,7 +99,7 @@ struct TileScheduler {
 
     __device__ static TileCoord coord(const FaParams& p, int t) {
         int const m_blocks = num_m_blocks(p);
-        int const num_hb = p.num_heads * p.batch;
+        int const num_hb = TileScheduler::num_hb(p);
         int const sec_hb = section_hb(p);
         int const section_tiles = sec_hb * m_blocks;
         int const section = t / section_tiles;
@@ -103,8 +108,10 @@ struct TileScheduler {
         int const hb_here = num_hb - hb0 < sec_hb ? num_hb - hb0 : sec_hb;
         int const m_rank = in_section / hb_here;
         int const hb = hb0 + (in_section - m_rank * hb_here);
-        int const batch = hb / p.num_heads;
-        return TileCoord{m_blocks - 1 - m_rank, hb - batch * p.num_heads, batch};
+        int const batch_split = hb / p.num_heads;  // batch * splits + split
+        int const splits = num_splits(p);
+        int const batch = batch_split / splits;
+        return TileCoord{m_blocks - 1 - m_rank, hb - batch_split * p.num_heads, batch, batch_split - batch * splits};
     }
 };
 
@@ -223,6 +230,15 @@ struct KvBlocks {
         }
         return KvBlocks{hi, lo, sink};
     }
+
+    // Part s of n (split-KV): the s-th of n equal shares of the window blocks (the last ones
+    // shorter or empty); part 0 keeps the sink blocks, which lie below the window.
+    __device__ __forceinline__ KvBlocks part(int s, int n) const {
+        int const per = (window_end - window_begin + n - 1) / n;
+        int const lo = window_begin + s * per < window_end ? window_begin + s * per : window_end;
+        int const hi = lo + per < window_end ? lo + per : window_end;
+        return KvBlocks{hi, lo, s == 0 ? sink_end : 0};
+    }
 };
 
 // Everything both roles derive from a tile coordinate.
@@ -236,6 +252,7 @@ struct TileWork {
     __device__ TileWork(const FaParams& p, TileCoord c)
         : coord(c), head_k(c.head / (p.num_heads / p.num_heads_k)), seq(p, c.batch), blocks{0, 0, 0} {
         if (has_rows()) blocks = KvBlocks<BM, BN>::make(MaskBounds(p, seq), seq.sq, c.m_block);
+        if (p.num_splits > 1) blocks = blocks.part(c.split, p.num_splits);
     }
 
     // Tiles past the end of a (shorter, varlen) sequence have no rows: nothing to do or write.

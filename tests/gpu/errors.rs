@@ -4,8 +4,8 @@ use crate::harness::Test;
 use crate::support::{Gpu, bits};
 use cudarc::driver::{CudaSlice, DevicePtr};
 use flashattn_aot::{
-    Alibi, CausalAlign, Error, Family, FwdOptions, FwdTensors, KernelOverride, Layout, Mask, Tensor, TensorMut,
-    VarlenSeqlens, flash_fwd, flash_fwd_varlen,
+    Alibi, CausalAlign, Error, FwdOptions, FwdTensors, Layout, Mask, Tensor, TensorMut, VarlenSeqlens, flash_fwd,
+    flash_fwd_varlen,
 };
 use half::bf16;
 
@@ -402,22 +402,6 @@ pub fn tests(tests: &mut Vec<Test<Gpu>>) {
                 call(g, b, l, l, l, &FwdOptions::new().num_splits(129))
             },
             |e| matches!(e, Error::InvalidArgument(m) if m.contains("num_splits")),
-        )
-    });
-    add("split_on_forced_sm90", |g| {
-        expect_error(
-            g,
-            D,
-            |g, b| {
-                let l = b.layout;
-                let opts = FwdOptions::new().num_splits(2).kernel_override(KernelOverride {
-                    family: Some(Family::Sm90),
-                    ..Default::default()
-                });
-                call(g, b, l, l, l, &opts)
-            },
-            // Off Hopper the sm90 family cannot be forced at all.
-            |e| matches!(e, Error::InvalidArgument(m) if m.contains("split")) || matches!(e, Error::NoKernel { .. }),
         )
     });
 }

@@ -401,20 +401,19 @@ fn fwd_cell_tests<T: HostElem>(cell: Cell, has_ptx: bool, tests: &mut Vec<Test<G
     }
 }
 
-/// Split-KV (`FwdOptions::num_splits`): on an sm80 cell every dense semantic option split into 3
-/// parts, more parts than key blocks (empty parts), the heuristic on decode steps (it must split
-/// them), and a long decode against the GPU reference; on an sm90 cell the heuristic's visible
-/// routing of a small decode step to the sm80 family.
+/// Split-KV (`FwdOptions::num_splits`), on the cell's family: every dense semantic option split
+/// into 3 parts, more parts than key blocks (empty parts), the heuristic on decode steps (it must
+/// split them), and a long decode against the GPU reference.
 fn split_tests<T: HostElem>(cell: Cell, tests: &mut Vec<Test<Gpu>>) {
     let d = cell.head_dim as usize;
     let key = cell.key();
     let fam = cell.family;
-    let expect_split = |info: &flashattn_aot::FwdInfo, n: Option<usize>| -> Result<(), String> {
+    let expect_split = move |info: &flashattn_aot::FwdInfo, n: Option<usize>| -> Result<(), String> {
         let ok = match n {
             Some(n) => info.num_splits == n,
             None => info.num_splits > 1,
         };
-        if !ok || !info.cell.starts_with("sm80.fwd.") {
+        if !ok || info.cell != cell.key() {
             return Err(format!(
                 "{} ran with {} parts (wanted {n:?})",
                 info.symbol, info.num_splits
@@ -422,90 +421,61 @@ fn split_tests<T: HostElem>(cell: Cell, tests: &mut Vec<Test<Gpu>>) {
         }
         Ok(())
     };
-    if fam == Family::Sm80 {
-        for (name, case) in semantic_variants(&Case::new(37, 700, d)) {
-            if case.varlen.is_some() {
-                continue;
-            }
-            let mut case = case;
-            case.num_splits = 3;
-            tests.push(Test::new(format!("fwd::{key}::split3_{name}"), move |g| {
-                let info = check_vs_cpu::<T>(g, &case, forced(fam))?;
-                expect_split(&info, Some(3))
-            }));
+    for (name, case) in semantic_variants(&Case::new(37, 700, d)) {
+        if case.varlen.is_some() {
+            continue;
         }
-        let mut empty_parts = Case::new(5, 130, d);
-        empty_parts.mask = Mask::Causal(CausalAlign::BottomRight);
-        empty_parts.sink_logits = true;
-        empty_parts.num_splits = 128;
-        tests.push(Test::new(format!("fwd::{key}::split128_empty_parts"), move |g| {
-            let info = check_vs_cpu::<T>(g, &empty_parts, forced(fam))?;
-            expect_split(&info, Some(128))
-        }));
-        for (name, h, hk, mask) in [
-            ("gqa4_causal", 8, 2, Mask::Causal(CausalAlign::BottomRight)),
-            (
-                "mha_window_sinks",
-                4,
-                4,
-                Mask::Window {
-                    left: Some(300),
-                    right: Some(0),
-                    align: CausalAlign::BottomRight,
-                },
-            ),
-        ] {
-            let mut case = Case::new(1, 1500, d);
-            case.batch = 2;
-            case.heads = h;
-            case.heads_k = hk;
-            case.mask = mask;
-            case.sink_tokens = if hk == h { 4 } else { 0 };
-            case.sink_logits = hk == h;
-            case.num_splits = 0;
-            tests.push(Test::new(format!("fwd::{key}::split_auto_decode_{name}"), move |g| {
-                let info = check_vs_cpu::<T>(g, &case, forced(fam))?;
-                expect_split(&info, None)
-            }));
-        }
-        let mut long = Case::new(1, 32768, d);
-        long.batch = 1;
-        long.heads = 8;
-        long.heads_k = 2;
-        long.mask = Mask::Causal(CausalAlign::BottomRight);
-        long.num_splits = 0;
-        tests.push(Test::new(format!("fwd::{key}::split_auto_decode_32k"), move |g| {
-            let info = check_vs_gpu_reference::<T>(g, &long, forced(fam), 3.0)?;
-            expect_split(&info, None)
-        }));
-    } else if fam == Family::Sm90 {
-        // No family forced: the heuristic routes a small decode step to the split sm80 kernel.
-        let mut case = Case::new(1, 3000, d);
-        case.batch = 1;
-        case.heads = 8;
-        case.heads_k = 2;
-        case.mask = Mask::Causal(CausalAlign::BottomRight);
-        case.num_splits = 0;
-        tests.push(Test::new(format!("fwd::{key}::split_auto_routed_visibly"), move |g| {
-            let info = check_vs_cpu::<T>(g, &case, Which::Flash(KernelOverride::default()))?;
-            expect_split(&info, None)?;
-            if info.routed_from != Some(Family::Sm90) {
-                return Err(format!("routed_from {:?}", info.routed_from));
-            }
-            Ok(())
-        }));
-        // Forced onto the sm90 family: never split.
-        let mut case = Case::new(1, 3000, d);
-        case.batch = 1;
-        case.num_splits = 0;
-        tests.push(Test::new(format!("fwd::{key}::split_auto_not_when_forced"), move |g| {
+        let mut case = case;
+        case.num_splits = 3;
+        tests.push(Test::new(format!("fwd::{key}::split3_{name}"), move |g| {
             let info = check_vs_cpu::<T>(g, &case, forced(fam))?;
-            if info.num_splits != 1 || info.cell != cell.key() {
-                return Err(format!("{} ran with {} parts", info.symbol, info.num_splits));
-            }
-            Ok(())
+            expect_split(&info, Some(3))
         }));
     }
+    let mut empty_parts = Case::new(5, 130, d);
+    empty_parts.mask = Mask::Causal(CausalAlign::BottomRight);
+    empty_parts.sink_logits = true;
+    empty_parts.num_splits = 128;
+    tests.push(Test::new(format!("fwd::{key}::split128_empty_parts"), move |g| {
+        let info = check_vs_cpu::<T>(g, &empty_parts, forced(fam))?;
+        expect_split(&info, Some(128))
+    }));
+    for (name, h, hk, mask) in [
+        ("gqa4_causal", 8, 2, Mask::Causal(CausalAlign::BottomRight)),
+        (
+            "mha_window_sinks",
+            4,
+            4,
+            Mask::Window {
+                left: Some(300),
+                right: Some(0),
+                align: CausalAlign::BottomRight,
+            },
+        ),
+    ] {
+        let mut case = Case::new(1, 1500, d);
+        case.batch = 2;
+        case.heads = h;
+        case.heads_k = hk;
+        case.mask = mask;
+        case.sink_tokens = if hk == h { 4 } else { 0 };
+        case.sink_logits = hk == h;
+        case.num_splits = 0;
+        tests.push(Test::new(format!("fwd::{key}::split_auto_decode_{name}"), move |g| {
+            let info = check_vs_cpu::<T>(g, &case, forced(fam))?;
+            expect_split(&info, None)
+        }));
+    }
+    let mut long = Case::new(1, 32768, d);
+    long.batch = 1;
+    long.heads = 8;
+    long.heads_k = 2;
+    long.mask = Mask::Causal(CausalAlign::BottomRight);
+    long.num_splits = 0;
+    tests.push(Test::new(format!("fwd::{key}::split_auto_decode_32k"), move |g| {
+        let info = check_vs_gpu_reference::<T>(g, &long, forced(fam), 3.0)?;
+        expect_split(&info, None)
+    }));
 }
 
 fn main() {
