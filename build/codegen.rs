@@ -80,16 +80,26 @@ pub fn write(out_dir: &Path, built: &[Built], knobs: &Knobs) {
         };
         let mut kernels = String::new();
         let mut paged_kernels = String::new();
-        let dense = b.cell.tiles().into_iter().map(|t| (t, b.cell.symbol(&t), false));
+        let mut split_kernels = String::new();
+        let dense = b.cell.tiles().into_iter().map(|t| (t, b.cell.symbol(&t), 0));
         let paged = b
             .cell
             .paged_tiles()
             .into_iter()
-            .map(|t| (t, b.cell.paged_symbol(&t), true));
-        for (tile, symbol, is_paged) in dense.chain(paged) {
+            .map(|t| (t, b.cell.paged_symbol(&t), 1));
+        let split = b
+            .cell
+            .split_tiles()
+            .into_iter()
+            .map(|t| (t, b.cell.split_symbol(&t), 2));
+        for (tile, symbol, list) in dense.chain(paged).chain(split) {
             let smem = b.cell.smem_bytes(&tile);
             write!(
-                if is_paged { &mut paged_kernels } else { &mut kernels },
+                match list {
+                    0 => &mut kernels,
+                    1 => &mut paged_kernels,
+                    _ => &mut split_kernels,
+                },
                 "KernelEntry {{ symbol: {symbol:?}, tile: Tile {{ block_m: {}, block_n: {}, warps: {}, stages: {} }}, smem_bytes: {smem} }}, ",
                 tile.block_m, tile.block_n, tile.warps, tile.stages
             )
@@ -111,7 +121,7 @@ pub fn write(out_dir: &Path, built: &[Built], knobs: &Knobs) {
         let targets: Vec<&str> = b.targets.iter().map(|t| target_expr(*t)).collect();
         writeln!(
             images,
-            "    CellImage {{ key: {:?}, cell: {}, fatbin: &FATBIN_{i}.0, ptx: {ptx_expr}, targets: &[{}], kernels: &[{kernels}], paged_kernels: &[{paged_kernels}] }},",
+            "    CellImage {{ key: {:?}, cell: {}, fatbin: &FATBIN_{i}.0, ptx: {ptx_expr}, targets: &[{}], kernels: &[{kernels}], paged_kernels: &[{paged_kernels}], split_kernels: &[{split_kernels}] }},",
             b.cell.key(),
             cell_expr(&b.cell),
             targets.join(", ")

@@ -181,6 +181,20 @@ fn translation_unit(cell: &Cell) -> String {
             ));
         }
     }
+    for tile in cell.split_tiles() {
+        tu.push_str(&format!(
+            "{}({}, {}, {}, {}, {}, {}, {}, {})\n",
+            cell.split_instantiate_macro(),
+            cell.split_symbol(&tile),
+            cell.dtype.cuda_type(),
+            cell.head_dim,
+            tile.block_m,
+            tile.block_n,
+            tile.warps,
+            tile.stages,
+            cell.smem_bytes(&tile)
+        ));
+    }
     for tile in cell.paged_tiles() {
         tu.push_str(&format!(
             "{}({}, {}, {}, {}, {}, {}, {}, {})\n",

@@ -201,6 +201,26 @@ impl Cell {
         }
     }
 
+    /// The tile variants compiled as split-KV kernels in this cell's image ([`Cell::split_symbol`],
+    /// `FwdOptions::num_splits`). Only the sm90-family forward has them (`sm90_fwd_split_tile`);
+    /// the sm80 kernels take the split as a run-time parameter.
+    pub fn split_tiles(&self) -> Vec<Tile> {
+        match (self.family, self.direction) {
+            (Family::Sm90, Direction::Fwd) => sm90_fwd_split_tile(self.head_dim).into_iter().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The kernel symbol of the split-KV kernel of one tile variant: the dense symbol + `_split`.
+    pub fn split_symbol(&self, tile: &Tile) -> String {
+        format!("{}_split", self.symbol(tile))
+    }
+
+    /// The macro in [`Cell::source`] that defines one split-KV kernel of this cell.
+    pub const fn split_instantiate_macro(&self) -> &'static str {
+        "FA_SM90_FWD_SPLIT_KERNEL"
+    }
+
     /// The kernel symbol of the paged-KV kernel of one tile variant: the dense symbol + `_paged`.
     pub fn paged_symbol(&self, tile: &Tile) -> String {
         format!("{}_paged", self.symbol(tile))
@@ -733,6 +753,27 @@ pub const fn sm90_fwd_tiles(head_dim: u32) -> &'static [Tile] {
         256 => &[tile!(128, 80, 12, 2)],
         _ => &[],
     }
+}
+
+/// The sm90-family tile compiled a second time as the split-KV kernel (`_split`): the tile of
+/// `sm90_fwd_tiles(head_dim)` with the fewest query rows (split calls are decode steps and short
+/// chunks, whose rows are few: d = 64 runs 128 x 128 rather than 192 x 128), the first of them.
+/// The dense kernels do not take the split as a run-time parameter: the test and divide it adds
+/// at each tile's start cost d = 64 ~6% at 2k-8k (H200, 2026-12-03, two alternating rounds).
+pub const fn sm90_fwd_split_tile(head_dim: u32) -> Option<Tile> {
+    let tiles = sm90_fwd_tiles(head_dim);
+    if tiles.is_empty() {
+        return None;
+    }
+    let mut best = 0;
+    let mut i = 1;
+    while i < tiles.len() {
+        if tiles[i].block_m < tiles[best].block_m {
+            best = i;
+        }
+        i += 1;
+    }
+    Some(tiles[best])
 }
 
 /// The tile of `sm90_fwd_tiles(head_dim)` (an index into it) that a forward call runs when no

@@ -905,9 +905,23 @@ pub(crate) fn run_fwd<T: AttnElement>(
         None => preferred_tile(&kref, smem_limit, &dims, prep.causal)?,
         variant => choose_tile(&kref, smem_limit, variant)?,
     };
-    let n_splits = match imp {
-        Impl::Flash => plan_split(&kref, entry, opts, &info, &dims, seqlens.is_some())?,
-        Impl::Reference => 1,
+    // Split-KV: the sm80 kernels take it at run time; the sm90 family has a `_split` kernel per
+    // cell (CellImage::split_kernels), which a split call runs instead.
+    let (entry, n_splits) = match (imp, kref.cell().family) {
+        (Impl::Reference, _) => (entry, 1),
+        (Impl::Flash, Family::Sm90) => match kref.image.split_kernels.iter().find(|e| e.smem_bytes <= smem_limit) {
+            Some(split_entry) => match plan_split(&kref, split_entry, opts, &info, &dims, seqlens.is_some())? {
+                1 => (entry, 1),
+                n => (split_entry, n),
+            },
+            None if opts.num_splits >= 2 => {
+                return Err(Error::NoKernel {
+                    what: format!("a split-KV kernel in {}", kref.key()),
+                });
+            }
+            None => (entry, 1),
+        },
+        (Impl::Flash, _) => (entry, plan_split(&kref, entry, opts, &info, &dims, seqlens.is_some())?),
     };
     let jit_ptx = uses_ptx(&kref, ov.force_ptx)?;
     let m_blocks = dims.seqlen_q.div_ceil(entry.tile.block_m as usize);

@@ -38,6 +38,9 @@ pub struct CellImage {
     /// Paged-KV kernel symbols (tile variants reading K/V through a block table), most preferred
     /// first; empty except in the sm80-family forward cells.
     pub paged_kernels: &'static [KernelEntry],
+    /// Split-KV kernel symbols (`_split`, `FwdOptions::num_splits`); one in each sm90-family
+    /// forward cell (`Cell::split_tiles`), empty elsewhere (the sm80 kernels split at run time).
+    pub split_kernels: &'static [KernelEntry],
 }
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));

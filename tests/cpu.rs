@@ -331,7 +331,9 @@ fn manifest_lists_every_compiled_kernel() {
         lines[0],
         "cell\tsymbol\ttile\tsmem_bytes\ttargets\tfatbin_bytes\tptx_bytes"
     );
-    let symbols: usize = compiled_cells().map(|c| c.kernels.len() + c.paged_kernels.len()).sum();
+    let symbols: usize = compiled_cells()
+        .map(|c| c.kernels.len() + c.paged_kernels.len() + c.split_kernels.len())
+        .sum();
     assert_eq!(lines.len() - 1, symbols);
     for img in compiled_cells() {
         assert!(!img.fatbin.is_empty(), "{} has an empty fatbin", img.key);
@@ -341,7 +343,7 @@ fn manifest_lists_every_compiled_kernel() {
             "{} image is not 64-byte aligned",
             img.key
         );
-        for k in img.kernels.iter().chain(img.paged_kernels) {
+        for k in img.kernels.iter().chain(img.paged_kernels).chain(img.split_kernels) {
             let line = lines.iter().find(|l| l.split('\t').nth(1) == Some(k.symbol));
             let line = line.unwrap_or_else(|| panic!("{} missing from the manifest", k.symbol));
             let cols: Vec<&str> = line.split('\t').collect();

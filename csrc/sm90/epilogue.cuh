@@ -156,11 +156,12 @@ struct Epilogue {
 
     // A tile with no visible key: O = 0, LSE = -inf (or the sink logit) for this warpgroup's rows;
     // a split-KV part: O = 0, LSE = -inf in the partial results.
+    template <bool kSplit>
     __device__ static void store_zero(const FaParams& p, const Work& w, int wg, int thread_in_wg) {
         int const row_first = w.row_first() + 64 * wg;
         int const valid = w.seq.sq - row_first < 64 ? w.seq.sq - row_first : 64;
         if (valid <= 0) return;
-        if (p.num_splits > 1) {
+        if constexpr (kSplit) {
 #pragma unroll 1
             for (int idx = thread_in_wg; idx < valid * (D / 4); idx += kThreadsPerWarpgroup) {
                 int const r = idx / (D / 4);

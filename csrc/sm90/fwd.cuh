@@ -32,8 +32,8 @@
 //     rows = seqlen_q / seqlen_k (dense, batch = p.batch) or total_q / total_k (varlen, batch 1)
 // The kernel issues box coordinates (0, row, 0, head, batch) with row = q_row0 + i (varlen: the
 // global row cu_seqlens[b] + i, batch coordinate 0). O and LSE are written with plain stores.
-// Split-KV (p.num_splits > 1, dense queries, src/split.rs): total_tiles is multiplied by
-// num_splits (batch x splits is the scheduler's batch dimension); part s of a tile visits the
+// Split-KV (the FA_SM90_FWD_SPLIT_KERNEL instantiation, p.num_splits > 1, dense queries,
+// src/split.rs): total_tiles is multiplied by num_splits (batch x splits is the scheduler's batch dimension); part s of a tile visits the
 // s-th share of its KV blocks (KvBlocks::part) and writes fp32 O / LSE (no sink logit) to
 // p.o_partial / p.lse_partial (Epilogue::store_partial), combined by the merge cell's split
 // kernel.
@@ -64,7 +64,8 @@ struct RegisterSplit {
     static_assert(128 * kProducer + 128 * CONSUMER_WGS * kConsumer <= 65536, "the register file holds 64K registers");
 };
 
-template <typename T, int D, int BM, int BN, int W, int STAGES, int SMEM>
+// kSplit: the split-KV kernel (`_split` symbols; see TileScheduler).
+template <typename T, int D, int BM, int BN, int W, int STAGES, int SMEM, bool kSplit = false>
 __device__ __forceinline__ void fwd_kernel(const FaParams& p, const CUtensorMap* tma_q, const CUtensorMap* tma_k,
                                            const CUtensorMap* tma_v) {
     using Layout = SharedLayout<T, D, BM, BN, STAGES>;
@@ -72,7 +73,7 @@ __device__ __forceinline__ void fwd_kernel(const FaParams& p, const CUtensorMap*
     using Epi = Epilogue<T, D, BM, BN>;
     using Work = TileWork<BM, BN>;
     using Regs = RegisterSplit<BM / 64>;
-    using Sched = TileScheduler<BM, 2 * D * static_cast<int>(sizeof(T))>;
+    using Sched = TileScheduler<BM, 2 * D * static_cast<int>(sizeof(T)), kSplit>;
     constexpr int kConsumerWGs = BM / 64;
     static_assert(W == 4 * (kConsumerWGs + 1), "W = 4 warps of the producer warpgroup + 4 per consumer warpgroup (BM / 64)");
     static_assert(SMEM == static_cast<int>(Layout::kSmemBytes),
@@ -114,7 +115,7 @@ __device__ __forceinline__ void fwd_kernel(const FaParams& p, const CUtensorMap*
                 if (!Sched::valid(p, t)) break;
                 // Claim the next tile now: the atomic's latency hides behind this tile's loads.
                 int const claimed = lane == 0 ? Sched::claim(p) : 0;
-                Work const w(p, Sched::coord(p, t));
+                Work const w(p, Sched::coord(p, t), kSplit);
                 // Tiles without rows or keys: the consumers handle them without loads.
                 if (w.has_rows() && w.blocks.count() > 0) producer.load_tile(p, tma_q, tma_k, tma_v, sm, bars, w, leader);
                 t = Sched::next(p, t, __shfl_sync(0xffffffffu, claimed, 0));
@@ -132,9 +133,9 @@ __device__ __forceinline__ void fwd_kernel(const FaParams& p, const CUtensorMap*
         while (true) {
             int const t = feed.take(bars);
             if (!Sched::valid(p, t)) break;  // the producer's stop index
-            Work const w(p, Sched::coord(p, t));
+            Work const w(p, Sched::coord(p, t), kSplit);
             if (!w.has_rows() || w.blocks.count() == 0) {
-                if (w.has_rows()) Epi::store_zero(p, w, cwg, thread_in_wg);
+                if (w.has_rows()) Epi::template store_zero<kSplit>(p, w, cwg, thread_in_wg);
                 feed.release(bars);
                 continue;
             }
@@ -146,14 +147,13 @@ __device__ __forceinline__ void fwd_kernel(const FaParams& p, const CUtensorMap*
             // them in registers through the main loop (register pressure: the loop holds S, P, O).
             Work const we(p, Sched::coord(p, feed.current(bars)));
             // Split-KV: the sink logit joins the denominator only where the parts are combined.
-            bool const split = p.num_splits > 1;
-            bool const has_sink = p.sink_logits != nullptr && !split;
+            bool const has_sink = p.sink_logits != nullptr && !kSplit;
             float const sink_logit = has_sink ? p.sink_logits[we.coord.head] : 0.0f;
             float o_scale[2];
             float lse[2];
             softmax.finalize(ScoreMod::exp2_scale_of(p), has_sink, sink_logit, o_scale, lse);
             ML::Consumer::rescale(o, o_scale);
-            if (split) {
+            if constexpr (kSplit) {
                 Epi::store_partial(p, we, cwg, thread_in_wg, o, lse);
             } else {
                 Epi::store(p, we, cwg, thread_in_wg, o, lse);
@@ -171,4 +171,12 @@ __device__ __forceinline__ void fwd_kernel(const FaParams& p, const CUtensorMap*
         NAME(const __grid_constant__ FaParams p, const __grid_constant__ CUtensorMap tma_q,                  \
              const __grid_constant__ CUtensorMap tma_k, const __grid_constant__ CUtensorMap tma_v) {         \
         ::fa::sm90::fwd_kernel<T, D, BM, BN, W, S, SMEM>(p, &tma_q, &tma_k, &tma_v);                         \
+    }
+
+// The split-KV kernel of a tile (`_split` symbols, `Cell::split_tiles` in src/cells.rs).
+#define FA_SM90_FWD_SPLIT_KERNEL(NAME, T, D, BM, BN, W, S, SMEM)                                             \
+    extern "C" __global__ void __launch_bounds__((W) * 32, 1)                                                \
+        NAME(const __grid_constant__ FaParams p, const __grid_constant__ CUtensorMap tma_q,                  \
+             const __grid_constant__ CUtensorMap tma_k, const __grid_constant__ CUtensorMap tma_v) {         \
+        ::fa::sm90::fwd_kernel<T, D, BM, BN, W, S, SMEM, true>(p, &tma_q, &tma_k, &tma_v);                   \
     }

@@ -49,14 +49,21 @@ __device__ __forceinline__ int num_splits(const FaParams& p) { return p.num_spli
 //
 // Stateless: everything is recomputed from the params (constant bank) when needed, so that no
 // scheduler state stays live in registers through the consumers' main loop.
-template <int BM, int KV_BYTES_PER_KEY>
+//
+// kSplit (the `_split` kernels, src/split.rs): batch x p.num_splits is the batch dimension, each
+// (batch, split) a tile of its own over a share of the KV blocks (TileWork, KvBlocks::part).
+// The dense kernels are compiled without it: a run-time split test and divide at each tile's
+// start cost the d = 64 tiles ~6% at 2k-8k (H200, 2026-12-03).
+template <int BM, int KV_BYTES_PER_KEY, bool kSplit = false>
 struct TileScheduler {
     // FA3's choice for H100's 50 MB L2 (8 MB: 3-8% slower under a causal mask at 4k-16k).
     static constexpr int kL2Budget = 32 << 20;
 
     __device__ __forceinline__ static int num_m_blocks(const FaParams& p) { return ceil_div(p.seqlen_q, BM); }
     // (batch, split, head) triples: the scheduler treats batch x splits as its batch dimension.
-    __device__ __forceinline__ static int num_hb(const FaParams& p) { return p.num_heads * p.batch * num_splits(p); }
+    __device__ __forceinline__ static int num_hb(const FaParams& p) {
+        return kSplit ? p.num_heads * p.batch * num_splits(p) : p.num_heads * p.batch;
+    }
     __device__ __forceinline__ static int total(const FaParams& p) { return num_m_blocks(p) * num_hb(p); }
     // (batch, head) pairs per L2 section.
     // - Tiles of equal length (static round-robin: no mask, dense): one wave's worth, the fewest
@@ -108,10 +115,14 @@ struct TileScheduler {
         int const hb_here = num_hb - hb0 < sec_hb ? num_hb - hb0 : sec_hb;
         int const m_rank = in_section / hb_here;
         int const hb = hb0 + (in_section - m_rank * hb_here);
-        int const batch_split = hb / p.num_heads;  // batch * splits + split
-        int const splits = num_splits(p);
-        int const batch = batch_split / splits;
-        return TileCoord{m_blocks - 1 - m_rank, hb - batch_split * p.num_heads, batch, batch_split - batch * splits};
+        int const batch_split = hb / p.num_heads;  // kSplit: batch * splits + split; else batch
+        int const head = hb - batch_split * p.num_heads;
+        if constexpr (kSplit) {
+            int const splits = num_splits(p);
+            int const batch = batch_split / splits;
+            return TileCoord{m_blocks - 1 - m_rank, head, batch, batch_split - batch * splits};
+        }
+        return TileCoord{m_blocks - 1 - m_rank, head, batch_split, 0};
     }
 };
 
@@ -249,10 +260,12 @@ struct TileWork {
     SeqInfo seq;
     KvBlocks<BM, BN> blocks;
 
-    __device__ TileWork(const FaParams& p, TileCoord c)
+    // split: the tile is part c.split of p.num_splits (a `_split` kernel; a compile-time
+    // constant at every call site).
+    __device__ __forceinline__ TileWork(const FaParams& p, TileCoord c, bool split = false)
         : coord(c), head_k(c.head / (p.num_heads / p.num_heads_k)), seq(p, c.batch), blocks{0, 0, 0} {
         if (has_rows()) blocks = KvBlocks<BM, BN>::make(MaskBounds(p, seq), seq.sq, c.m_block);
-        if (p.num_splits > 1) blocks = blocks.part(c.split, p.num_splits);
+        if (split && p.num_splits > 1) blocks = blocks.part(c.split, p.num_splits);
     }
 
     // Tiles past the end of a (shorter, varlen) sequence have no rows: nothing to do or write.

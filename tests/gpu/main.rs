@@ -419,6 +419,10 @@ fn split_tests<T: HostElem>(cell: Cell, tests: &mut Vec<Test<Gpu>>) {
                 info.symbol, info.num_splits
             ));
         }
+        // The sm90 family splits in its `_split` kernel.
+        if (fam == Family::Sm90) != info.symbol.ends_with("_split") {
+            return Err(format!("{} ran a split call", info.symbol));
+        }
         Ok(())
     };
     for (name, case) in semantic_variants(&Case::new(37, 700, d)) {
