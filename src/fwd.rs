@@ -11,7 +11,7 @@ use crate::kernels::KernelEntry;
 use crate::options::{Alibi, CausalAlign, FwdOptions};
 use crate::params::{ALIGN_BOTTOM_RIGHT, ALIGN_TOP_LEFT, FLAG_VARLEN, FaParams};
 use crate::runtime::{self, Geometry};
-use crate::split::{Split, SplitDims};
+use crate::split::Split;
 use crate::tensor::{AttnElement, Layout, Tensor, TensorMut};
 use crate::varlen::VarlenSeqlens;
 use cudarc::driver::sys::CUstreamCaptureStatus;
@@ -848,16 +848,6 @@ pub(crate) fn plan_split(
     Ok(crate::split::heuristic(work, n_blocks, info.sm_count as usize * per_sm))
 }
 
-/// The sizes a split call's workspace and combine cover.
-pub(crate) fn split_dims(dims: &Dims) -> SplitDims {
-    SplitDims {
-        batch: dims.batch,
-        seqlen_q: dims.seqlen_q,
-        heads: dims.heads,
-        head_dim: dims.head_dim,
-    }
-}
-
 pub(crate) fn run_fwd<T: AttnElement>(
     stream: &Arc<CudaStream>,
     t: FwdTensors<'_, T>,
@@ -982,10 +972,7 @@ pub(crate) fn run_fwd<T: AttnElement>(
         imp == Impl::Flash,
     )?;
     // The split workspace (after every check of the caller's buffers).
-    let split = match n_splits {
-        1 => None,
-        n => Some(Split::new::<T>(stream, &info, n, split_dims(&dims))?),
-    };
+    let split = Split::for_call::<T>(stream, &info, n_splits, &dims)?;
 
     let mut params = fill_params(
         &ptrs,
@@ -997,8 +984,7 @@ pub(crate) fn run_fwd<T: AttnElement>(
     params.o = o_ptr as *mut c_void;
     params.lse = lse_ptr as *mut f32;
     if let Some(sp) = &split {
-        (params.o_partial, params.lse_partial) = sp.partial_ptrs(stream);
-        params.num_splits = n_splits as i32;
+        sp.fill_params(&mut params, stream);
     }
     if kref.cell().family == Family::Sm90 {
         // Masks and varlen give tiles of different lengths: the kernel then claims tiles from a
@@ -1028,7 +1014,7 @@ pub(crate) fn run_fwd<T: AttnElement>(
         unsafe { runtime::launch(function, geom, stream, &mut args)? };
     }
     if let Some(sp) = &split {
-        sp.combine(stream, split_dims(&dims), o_ptr, &out.layout, lse_ptr, ptrs.sinks)?;
+        sp.combine(stream, &dims, o_ptr, &out.layout, lse_ptr, ptrs.sinks)?;
     }
     Ok(FwdInfo {
         cell: kref.key(),

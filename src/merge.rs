@@ -14,11 +14,11 @@ use std::sync::Arc;
 pub const MAX_MERGE_PARTS: usize = 16;
 
 /// Warps per thread block (`kMergeWarpsPerBlock` in csrc/merge/merge.cuh).
-const WARPS_PER_BLOCK: usize = 8;
+pub(crate) const WARPS_PER_BLOCK: usize = 8;
 
 /// Rows one warp merges: 32 / the lanes per row, the smallest power of two >= head_dim / 8 (at
 /// most 32); `lanes_per_row` in csrc/merge/merge.cuh.
-fn rows_per_warp(head_dim: usize) -> usize {
+pub(crate) fn rows_per_warp(head_dim: usize) -> usize {
     let mut lanes = 1;
     while lanes < 32 && lanes * 8 < head_dim {
         lanes *= 2;

@@ -27,7 +27,7 @@ use crate::dispatch::DISPATCH_TABLE;
 use crate::error::{Error, Result};
 use crate::fwd::{
     Dims, FwdInfo, FwdTensors, Impl, Pointers, check_device, check_fwd_addresses, check_fwd_buffers, check_shapes,
-    choose_tile_in, fill_params, plan_split, prepare_options, split_dims, uses_ptx,
+    choose_tile_in, fill_params, plan_split, prepare_options, uses_ptx,
 };
 use crate::options::FwdOptions;
 use crate::params::{FLAG_PAGED, FLAG_VARLEN, FaParams};
@@ -325,10 +325,7 @@ pub fn flash_fwd_paged<T: AttnElement>(
         true,
     )?;
     // The split workspace (after every check of the caller's buffers).
-    let split = match n_splits {
-        1 => None,
-        n => Some(Split::new::<T>(stream, &info, n, split_dims(&dims))?),
-    };
+    let split = Split::for_call::<T>(stream, &info, n_splits, &dims)?;
 
     let mut params = fill_params(
         &ptrs,
@@ -357,8 +354,7 @@ pub fn flash_fwd_paged<T: AttnElement>(
         g
     });
     if let Some(sp) = &split {
-        (params.o_partial, params.lse_partial) = sp.partial_ptrs(stream);
-        params.num_splits = n_splits as i32;
+        sp.fill_params(&mut params, stream);
     }
     let mut args = [&mut params as *mut FaParams as *mut c_void];
     // SAFETY: sm80 paged forward kernels take exactly one `FaParams` by value; q, out and lse were
@@ -366,7 +362,7 @@ pub fn flash_fwd_paged<T: AttnElement>(
     // pool (PagedKv::new), and every guard lives until this returns.
     unsafe { runtime::launch(function, geom, stream, &mut args)? };
     if let Some(sp) = &split {
-        sp.combine(stream, split_dims(&dims), o_ptr, &out.layout, lse_ptr, ptrs.sinks)?;
+        sp.combine(stream, &dims, o_ptr, &out.layout, lse_ptr, ptrs.sinks)?;
     }
     Ok(FwdInfo {
         cell: kref.key(),

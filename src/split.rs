@@ -26,6 +26,9 @@
 use crate::cells::{Cell, DType, Direction, Family};
 use crate::dispatch::{DISPATCH_TABLE, not_compiled};
 use crate::error::{Error, Result};
+use crate::fwd::Dims;
+use crate::merge::{WARPS_PER_BLOCK, rows_per_warp};
+use crate::params::FaParams;
 use crate::runtime::{self, DeviceInfo, Function, Geometry};
 use crate::tensor::{AttnElement, Layout};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
@@ -82,16 +85,6 @@ struct MergeSplitParams {
 
 const _: () = assert!(std::mem::size_of::<MergeSplitParams>() == 8 * 13);
 
-/// Warps per block and rows per warp of the merge kernels (csrc/merge/merge.cuh).
-const WARPS_PER_BLOCK: usize = 8;
-fn rows_per_warp(head_dim: usize) -> usize {
-    let mut lanes = 1;
-    while lanes < 32 && lanes * 8 < head_dim {
-        lanes *= 2;
-    }
-    32 / lanes
-}
-
 /// The combine symbol of a dtype (defined next to `merge_states`' kernel by FA_MERGE_KERNEL).
 fn combine_symbol(dtype: DType) -> Option<&'static str> {
     match dtype {
@@ -104,29 +97,24 @@ fn combine_symbol(dtype: DType) -> Option<&'static str> {
 /// A split call's workspace and combine kernel, set up before the forward kernel launches (so
 /// that a missing merge cell fails before anything is written).
 pub(crate) struct Split {
-    pub n: usize,
+    n: usize,
     o_partial: CudaSlice<f32>,
     lse_partial: CudaSlice<f32>,
     combine: Function,
 }
 
-/// The sizes a split call covers (after any decode-GQA re-striding).
-#[derive(Clone, Copy)]
-pub(crate) struct SplitDims {
-    pub batch: usize,
-    pub seqlen_q: usize,
-    pub heads: usize,
-    pub head_dim: usize,
-}
-
 impl Split {
-    /// Allocates the workspace of `n` parts and loads the combine kernel for `T`.
-    pub fn new<T: AttnElement>(
+    /// For a call of `n` parts (1: none) over `d` (after any decode-GQA re-striding): allocates
+    /// the workspace and loads the combine kernel for `T`.
+    pub fn for_call<T: AttnElement>(
         stream: &std::sync::Arc<CudaStream>,
         info: &DeviceInfo,
         n: usize,
-        d: SplitDims,
-    ) -> Result<Split> {
+        d: &Dims,
+    ) -> Result<Option<Split>> {
+        if n <= 1 {
+            return Ok(None);
+        }
         let symbol = combine_symbol(T::DTYPE)
             .ok_or_else(|| Error::InvalidArgument(format!("split-KV: {:?} outputs are not supported", T::DTYPE)))?;
         let cell = Cell {
@@ -147,32 +135,32 @@ impl Split {
         };
         let o_len = rows.checked_mul(d.head_dim).ok_or_else(too_large)?;
         // SAFETY (uninitialised memory): the split forward writes every element the combine
-        // reads: each part's thread blocks write every valid row of their query block, empty
-        // parts included (O = 0, LSE = -inf).
+        // reads: each part writes every valid row of its query block, empty parts included
+        // (O = 0, LSE = -inf; csrc/sm80/fwd.cuh, csrc/sm90 Epilogue::store_zero).
         let o_partial =
             unsafe { stream.alloc::<f32>(o_len) }.map_err(Error::driver("allocating the split-KV workspace"))?;
         let lse_partial =
             unsafe { stream.alloc::<f32>(rows.max(1)) }.map_err(Error::driver("allocating the split-KV workspace"))?;
-        Ok(Split {
+        Ok(Some(Split {
             n,
             o_partial,
             lse_partial,
             combine,
-        })
+        }))
     }
 
-    /// The workspace pointers for the forward's params (`o_partial`, `lse_partial`).
-    pub fn partial_ptrs(&self, stream: &CudaStream) -> (*mut f32, *mut f32) {
-        let (o, _) = self.o_partial.device_ptr(stream);
-        let (l, _) = self.lse_partial.device_ptr(stream);
-        (o as *mut f32, l as *mut f32)
+    /// Points the forward's params at the workspace and sets the part count.
+    pub fn fill_params(&self, params: &mut FaParams, stream: &CudaStream) {
+        params.o_partial = self.o_partial.device_ptr(stream).0 as *mut f32;
+        params.lse_partial = self.lse_partial.device_ptr(stream).0 as *mut f32;
+        params.num_splits = self.n as i32;
     }
 
     /// Launches the combine into `out` (`out_layout`, already checked) and `lse` (0 = none).
     pub fn combine(
         &self,
         stream: &CudaStream,
-        d: SplitDims,
+        d: &Dims,
         out: u64,
         out_layout: &Layout,
         lse: u64,
