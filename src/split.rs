@@ -10,13 +10,13 @@
 //!   parts in split order, with the learnable sink logit as one more denominator term, into the
 //!   output in its dtype and the LSE: the same function of the same scores as one unsplit walk,
 //!   up to fp32 rounding (the FlashAttention-2 `num_splits` scheme).
+//! - The sm90 family has a separate split kernel per cell (`_split`, `CellImage::split_kernels`;
+//!   the dense sm90 kernels carry no split code): `batch * num_splits` is its persistent
+//!   scheduler's batch dimension, part `s` of a tile walks the `s`-th share of its KV blocks
+//!   (`KvBlocks::part` in csrc/sm90/scheduler.cuh) and writes the same fp32 partial results.
 //! - Workspace: `num_splits * batch * heads * seqlen_q * (head_dim + 1)` fp32, allocated on the
 //!   stream for the call and freed after it (stream-ordered), as FlashAttention's
 //!   `flash_attn_with_kvcache` allocates its accumulators.
-//!
-//! - The sm90 forward kernel (persistent) takes it too: `batch * num_splits` is its scheduler's
-//!   batch dimension, part `s` of a tile walks the `s`-th share of its KV blocks
-//!   (`KvBlocks::part` in csrc/sm90/scheduler.cuh) and writes the same fp32 partial results.
 //!
 //! [`crate::FwdOptions::num_splits`] picks the count: `0` (the default) lets [`heuristic`]
 //! choose, `1` never splits, `n >= 2` splits into `n` parts (at most [`MAX_SPLITS`]), on
