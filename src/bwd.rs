@@ -619,7 +619,7 @@ fn pools() -> std::sync::MutexGuard<'static, Vec<(cudarc::driver::sys::CUdevice,
 
 /// Hands the memory that the backward's workspace pools keep between calls back to the driver.
 ///
-/// `flash_bwd` takes its fp32 workspaces (sizes in the [module docs](self)) from a pool per
+/// `flash_bwd` takes its fp32 workspaces (sizes in the `bwd` module docs, src/bwd.rs) from a pool per
 /// device that keeps freed memory for the next call instead of unmapping it at every
 /// synchronization (as PyTorch's caching allocator does); the pool holds at most the largest set
 /// of workspaces that were in flight at once. Call this after a training phase to give that

@@ -180,7 +180,7 @@ impl Cell {
     }
 
     /// The tile variants compiled for this cell, most preferred first. The run time picks the
-    /// first one whose shared memory fits the device (see [`Tile::smem_bytes`]).
+    /// first one whose shared memory fits the device (see [`Cell::smem_bytes`]).
     pub fn tiles(&self) -> Vec<Tile> {
         match (self.family, self.direction) {
             (Family::Reference | Family::Merge, _) => vec![Tile::REFERENCE],
