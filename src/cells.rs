@@ -711,8 +711,14 @@ pub const fn sm80_bwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 ///   / +1% / +3% at 2k / 4k / 8k / 16k, -1.5% / -1% at 512 / 1k (the 192-row tiles waste a third
 ///   of the last m-block there); causal -3% to +2.5% (mixed). It runs non-causal calls from 2k
 ///   keys (`sm90_fwd_variant`).
-/// - d = 128: 128 x 176, 2 stages (FA3's non-causal tile). S + P + O = 196 registers. 128 x 192
-///   fits smem but not the registers. FA3's causal tile, 128 x 128 x 2 stages, measured 1-15%
+/// - d = 128: 128 x 192, 2 stages (230528 bytes; S + P + O = 208 registers, no spills with
+///   the step descriptors below). It replaced FA3's non-causal tile, 128 x 176 (which an older
+///   schedule needed for registers), on 2026-12-03 (H200, bf16, `bench --family sm90 --head-dims
+///   128 --variant`, three alternating rounds, best of each): without a mask +2.9% / +3.2% /
+///   +4.1% at 2k / 8k / 16k (MHA), +1.9% / +3.4% / +3.4% (GQA 32/8); causal 8k / 16k +2.5% /
+///   +2.6% (MHA), +2.3% / +2.9% (GQA), against 128 x 176 with the row-sum tie (softmax.cuh),
+///   which made 128 x 192 1-4% slower. The text below measured 128 x 176.
+///   FA3's causal tile, 128 x 128 x 2 stages, measured 1-15%
 ///   slower than 128 x 176 under a causal mask (2k-16k, MHA and GQA, both with the dynamic
 ///   scheduler), and 128 x 128 x 3 stages 0-5% slower without a mask; at d = 80 / 96 causal,
 ///   128 x 128 x 3 stages was 5-10% slower. So 128 x 176 serves every mask, except causal calls
@@ -751,7 +757,7 @@ pub const fn sm90_fwd_tiles(head_dim: u32) -> &'static [Tile] {
         64 => &[tile!(192, 128, 16, 3), tile!(128, 128, 12, 3)],
         80 => &[tile!(128, 176, 12, 3)],
         96 => &[tile!(128, 176, 12, 3), tile!(192, 96, 16, 4)],
-        128 => &[tile!(128, 176, 12, 2), tile!(128, 128, 12, 2)],
+        128 => &[tile!(128, 192, 12, 2), tile!(128, 128, 12, 2)],
         192 => &[tile!(128, 112, 12, 2)],
         256 => &[tile!(128, 80, 12, 2)],
         _ => &[],
@@ -798,10 +804,14 @@ pub const fn sm90_fwd_split_tile(head_dim: u32) -> Option<Tile> {
 /// / +5% at 512 / 1k / 2k / 4k (MHA; GQA +14% / +10% / +3% / +0.5%), -0.5% / -3% at 8k / 16k,
 /// so the narrow tile now serves causal calls up to 4k keys; d = 64 causal, 128 x 128: +7% / +11% at 512 / 1k, -3%
 /// to -11% from 2k (the rule below holds).
+/// - d = 128 without a mask, 128 x 128 vs 128 x 192 (H200, 2026-12-03, three alternating
+///   rounds, best of each): +4.9% / +1.2% at 512 / 1k keys (MHA), +2.1% / +0.7% (GQA 32/8), so
+///   calls up to 1k keys run the narrow tile too. At d = 64 the same swap cost 8% at 512 / 1k.
 /// - d = 96, 192 x 96 (3 consumer WGs) without a mask from 2k keys: see `sm90_fwd_tiles`.
 pub const fn sm90_fwd_variant(head_dim: u32, seqlen_k: usize, causal: bool) -> usize {
     match head_dim {
         128 if causal && seqlen_k <= 4096 => 1,
+        128 if !causal && seqlen_k <= 1024 => 1,
         64 if causal && seqlen_k <= 1024 => 1,
         96 if !causal && seqlen_k >= 2048 => 1,
         _ => 0,

@@ -487,15 +487,21 @@ fn preferred_tile(kref: &KernelRef, limit: u32, dims: &Dims, causal: bool) -> Re
         }
         Family::Reference | Family::Merge => None,
     };
-    match kref
-        .image
-        .kernels
-        .iter()
-        .find(|k| Some(&k.tile) == want && k.smem_bytes <= limit)
-    {
+    match kernel_with_tile(kref.image.kernels, want, limit) {
         Some(k) => Ok(k),
         None => choose_tile(kref, limit, None),
     }
+}
+
+/// The kernel of `kernels` compiled for tile `want`, if there is one and it fits `limit` bytes of
+/// shared memory.
+pub(crate) fn kernel_with_tile(
+    kernels: &'static [KernelEntry],
+    want: Option<&crate::cells::Tile>,
+    limit: u32,
+) -> Option<&'static KernelEntry> {
+    let want = want?;
+    kernels.iter().find(|k| &k.tile == want && k.smem_bytes <= limit)
 }
 
 /// The options of a call after validation, in the kernels' terms.

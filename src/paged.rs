@@ -27,7 +27,7 @@ use crate::dispatch::DISPATCH_TABLE;
 use crate::error::{Error, Result};
 use crate::fwd::{
     Dims, FwdInfo, FwdTensors, Impl, Pointers, check_device, check_fwd_addresses, check_fwd_buffers, check_shapes,
-    choose_tile_in, fill_params, plan_split, prepare_options, uses_ptx,
+    choose_tile_in, fill_params, kernel_with_tile, plan_split, prepare_options, uses_ptx,
 };
 use crate::options::FwdOptions;
 use crate::params::{FLAG_PAGED, FLAG_VARLEN, FaParams};
@@ -279,10 +279,12 @@ pub fn flash_fwd_paged<T: AttnElement>(
     // Short query blocks (decode steps) prefer the cell's short-query tile where it has one.
     let short = crate::cells::sm80_fwd_short_q_variant(d as u32, dims.seqlen_q);
     let kernels = kref.image.paged_kernels;
-    let preferred = ov.variant.is_none().then_some(short).flatten().and_then(|i| {
-        let want = crate::cells::sm80_fwd_paged_tiles(d as u32).get(i)?;
-        kernels.iter().find(|e| &e.tile == want && e.smem_bytes <= smem_limit)
-    });
+    let preferred = ov
+        .variant
+        .is_none()
+        .then_some(short)
+        .flatten()
+        .and_then(|i| kernel_with_tile(kernels, crate::cells::sm80_fwd_paged_tiles(d as u32).get(i), smem_limit));
     let entry = match preferred {
         Some(e) => e,
         None => choose_tile_in(kernels, kref.key(), "paged ", smem_limit, ov.variant)?,

@@ -129,13 +129,13 @@ struct OnlineSoftmax {
     }
 };
 
-// The softmax of a (head dim D, KV block BN) tile. The row-sum tie (kSumLag = 2) runs only at
-// d = 128 with its 176-wide block: measured on H200 (2026-12-03, bf16, two alternating rounds,
-// best of 2) +2.1% / +3.0% / +4.5% at 2k / 8k / 16k without a mask (MHA; GQA 32/8 +3.6% / +0.6%
-// / +0.6%), causal 8k-16k -0.3% to +1.7% (GQA 16k -9%, where the base itself varied 533-584
-// between rounds); at d = 64 (128-wide block) it cost 3.5-5% on every
-// cell, so other tiles keep ptxas's order (d 80 / 96 / 192 / 256 not measured with it).
+// The softmax of a (head dim D, KV block BN) tile: ptxas's order everywhere. The row-sum tie
+// (kSumLag = 2) ran at d = 128 on its former 128 x 176 tile, where it measured (H200,
+// 2026-12-03, bf16, two alternating rounds, best of 2) +2.1% / +3.0% / +4.5% at 2k / 8k / 16k
+// without a mask (MHA; GQA 32/8 +3.6% / +0.6% / +0.6%), causal 8k-16k -0.3% to +1.7%. On the
+// 128 x 192 tile that replaced it the tie cost 1-4% on every cell (same day, three rounds), and
+// at d = 64 (128-wide block) 3.5-5%; so no tile uses it now.
 template <int D, int BN>
-using TileSoftmax = OnlineSoftmax<BN, (D == 128 && BN == 176) ? 2 : 0>;
+using TileSoftmax = OnlineSoftmax<BN, 0>;
 
 }  // namespace fa::sm90
