@@ -129,13 +129,16 @@ struct OnlineSoftmax {
     }
 };
 
-// The softmax of a (head dim D, KV block BN) tile: ptxas's order everywhere. The row-sum tie
-// (kSumLag = 2) ran at d = 128 on its former 128 x 176 tile, where it measured (H200,
-// 2026-12-03, bf16, two alternating rounds, best of 2) +2.1% / +3.0% / +4.5% at 2k / 8k / 16k
-// without a mask (MHA; GQA 32/8 +3.6% / +0.6% / +0.6%), causal 8k-16k -0.3% to +1.7%. On the
-// 128 x 192 tile that replaced it the tie cost 1-4% on every cell (same day, three rounds), and
-// at d = 64 (128-wide block) 3.5-5%; so no tile uses it now.
+// The softmax of a (head dim D, KV block BN) tile. The row-sum tie (kSumLag = 2) runs on the
+// 128 x 176 tiles, d = 80 and d = 96 (measured on H200, 2026-12-03, bf16, `bench --family sm90
+// --head-dims 80,96,192,256`, two calls of three alternating rounds, best of each, tie / none):
+// d 80 +0.3% to +5.7% on all 12 cells measured (non-causal 1k / 2k / 4k / 8k / 16k 1.057 /
+// 1.035 / 1.030 / 1.011 / 1.014), d 96 on that tile (causal, and non-causal below 2k keys)
+// +2.2% to +4.8% on all 7. Elsewhere it lost: d 192 (128 x 112) -0.4% to -2.9% on 5 of 6
+// cells, d 256 (128 x 80) -2% to +1% (no direction), d 128 on its 128 x 192 tile -1% to -4%
+// on every cell, d 64 (128-wide block) -3.5% to -5%. It also ran on d 128's former 128 x 176
+// tile (+2% to +4.5% without a mask there), so the gain belongs to that block width.
 template <int D, int BN>
-using TileSoftmax = OnlineSoftmax<BN, 0>;
+using TileSoftmax = OnlineSoftmax<BN, BN == 176 ? 2 : 0>;
 
 }  // namespace fa::sm90
