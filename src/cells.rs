@@ -789,8 +789,9 @@ pub const fn sm90_fwd_split_tile(head_dim: u32) -> Option<Tile> {
 /// variant is forced, given its key count (the longest sequence for varlen) and whether it has
 /// a causal mask. Index 0 is the general tile; index 1, where it exists, is a narrower tile for
 /// short causal calls, where a wide KV block on the diagonal is mostly masked (d = 128 at 512
-/// keys: 9 blocks of 128 x 176, 65% of them visible, against 10 of 128 x 128, 80% visible), or
-/// at d = 96 the 3-warpgroup tile for long calls without a mask.
+/// keys: 9 blocks of 128 x 176, 65% of them visible, against 10 of 128 x 128, 80% visible), and
+/// at d = 128 for short calls without a mask too (512 keys fill 3 blocks of 192 to 89%, 4 of 128
+/// whole), or at d = 96 the 3-warpgroup tile for long calls without a mask.
 ///
 /// Measured on H100 (2026-11-22, bf16, paper grid, runs of the whole grid in one session):
 /// - d = 128, 128 x 128 vs 128 x 176, causal: +19% / +14% / +5% at 512 / 1k / 2k (MHA),
