@@ -15,6 +15,8 @@ alternation spreads slower drift (temperature) over all of them alike. Ours is c
 against cuDNN's output on each cell first (max |diff| reported; a mismatch stops the run).
     cargo build --release --example pyffi
     python3 benches/compare.py --lib target/release/examples/libpyffi.so [--bwd] [--layout bhsd]
+--lib-b other/libpyffi.so times a second build of ours alongside (ours_b, and b/a per cell):
+an A/B of two versions under the same conditions; --seqlens 512,1024 restricts the grid.
 --layout bshd (default): tensors are (b, s, h, d) contiguous, FlashAttention's layout, and
 SDPA gets the (b, h, s, d) view; bhsd: (b, h, s, d) contiguous, SDPA's own.
 
@@ -99,6 +101,8 @@ def main():
     ap.add_argument("--layout", choices=["bshd", "bhsd"], default="bshd", help="--lib: tensor layout")
     ap.add_argument("--family", choices=["auto", "sm80"], default="auto", help="--lib: our forward family")
     ap.add_argument("--deterministic", action="store_true", help="--lib --bwd: our deterministic mode")
+    ap.add_argument("--lib-b", help="--lib: a second build of libpyffi.so, timed alongside (A/B of our own versions)")
+    ap.add_argument("--seqlens", help="--lib: comma-separated sequence lengths instead of the grid's")
     ap.add_argument("--warmup-ms", type=float, default=100.0,
                     help="--lib: back-to-back calls before each timing (each backend in its own power state)")
     a = ap.parse_args()
@@ -203,6 +207,7 @@ class Ours:
 
 def run_lib(a):
     ours = Ours(a.lib)
+    ours_b = Ours(a.lib_b) if a.lib_b else None
     dev = torch.cuda.get_device_name()
     mm = matmul_tflops(a.iters)
     family = 1 if a.family == "sm80" else 0
@@ -211,10 +216,14 @@ def run_lib(a):
           f"{a.family}{', deterministic' if a.deterministic else ''}; bf16 matmul 8192^3: {mm:.0f} TFLOP/s; "
           f"{'backward' if a.bwd else 'forward'}")
     hdr = (f"{'hdim':>4} {'causal':>6} {'seqlen':>6} {'h/hk':>6} {'ours':>7} {'FA2':>7} {'cuDNN':>7} "
-           f"{'ours/FA2':>8} {'ours/cuDNN':>10} {'maxdiff':>8}")
+           f"{'ours/FA2':>8} {'ours/cuDNN':>10} {'maxdiff':>8}" + (f" {'ours_b':>7} {'b/a':>5}" if ours_b else ""))
     print(hdr)
     rows = []
-    for d, causal, s, h, hk in configs(a.quick, [int(x) for x in a.head_dims.split(",")]):
+    cells = configs(a.quick, [int(x) for x in a.head_dims.split(",")])
+    if a.seqlens:
+        keep = {int(x) for x in a.seqlens.split(",")}
+        cells = [c for c in cells if c[2] in keep]
+    for d, causal, s, h, hk in cells:
         b = 16384 // s
         layout = 0 if a.layout == "bshd" else 1
 
@@ -240,6 +249,12 @@ def run_lib(a):
         row["maxdiff"] = diff
         if not diff < 0.1:
             raise SystemExit(f"ours differs from cuDNN by {diff} on d {d} causal {causal} s {s}")
+        if ours_b:
+            out.fill_(float("nan"))
+            ours_b.fwd(q, k, v, out, lse, shape, causal, family)
+            diff_b = (outv.float() - ref.float()).abs().max().item()
+            if not diff_b < 0.1:
+                raise SystemExit(f"--lib-b differs from cuDNN by {diff_b} on d {d} causal {causal} s {s}")
         fns = {}
         if a.bwd:
             dout, doutv = make(h)
@@ -247,6 +262,8 @@ def run_lib(a):
             dk, _ = make(hk)
             dv, _ = make(hk)
             fns["ours"] = lambda: ours.bwd(q, k, v, out, dout, lse, dq, dk, dv, shape, causal, a.deterministic)
+            if ours_b:
+                fns["ours_b"] = lambda: ours_b.bwd(q, k, v, out, dout, lse, dq, dk, dv, shape, causal, a.deterministic)
             for name, backend in BACKENDS.items():
                 qg, kg, vg = (x.detach().requires_grad_() for x in (qv, kv, vv))
                 try:
@@ -258,6 +275,8 @@ def run_lib(a):
                     row[name + "_error"] = str(e).splitlines()[0][:120]
         else:
             fns["ours"] = lambda: ours.fwd(q, k, v, out, None, shape, causal, family)
+            if ours_b:
+                fns["ours_b"] = lambda: ours_b.fwd(q, k, v, out, None, shape, causal, family)
             for name in BACKENDS:
                 fns[name] = lambda: F.scaled_dot_product_attention(qv, kv, vv, is_causal=causal, enable_gqa=hk != h)
         times = {n: [] for n in fns}
@@ -273,7 +292,7 @@ def run_lib(a):
                         times[n].append(time_ms(fns[n], a.iters, a.warmup_ms))
                 except RuntimeError as e:  # backend refuses the shape
                     row[n + "_error"] = str(e).splitlines()[0][:120]
-        for n in ("ours", "flash", "cudnn"):
+        for n in ("ours", "ours_b", "flash", "cudnn"):
             row[n] = flops / statistics.median(times[n]) / 1e9 if times.get(n) else None
         rows.append(row)
 
@@ -283,8 +302,9 @@ def run_lib(a):
         def rt(x, y):
             return f"{x / y:.2f}" if x and y else "-"
 
+        b_col = f" {f(row['ours_b'])} {rt(row['ours_b'], row['ours']):>5}" if ours_b else ""
         print(f"{d:>4} {str(causal):>6} {s:>6} {h:>3}/{hk:<2} {f(row['ours'])} {f(row['flash'])} {f(row['cudnn'])} "
-              f"{rt(row['ours'], row['flash']):>8} {rt(row['ours'], row['cudnn']):>10} {diff:8.1e}", flush=True)
+              f"{rt(row['ours'], row['flash']):>8} {rt(row['ours'], row['cudnn']):>10} {diff:8.1e}{b_col}", flush=True)
         del q, k, v, out, lse, fns
     paired = [(x["ours"], x["flash"], x["cudnn"]) for x in rows if x["ours"] and x["flash"] and x["cudnn"]]
     if paired:
@@ -297,6 +317,10 @@ def run_lib(a):
         if paper:
             print(f"paper grid (d 64/128/256, MHA): ours/cuDNN = {gm([o / c for o, c in paper]):.3f} "
                   f"over {len(paper)} cells")
+    pairs_b = [x["ours_b"] / x["ours"] for x in rows if x.get("ours_b") and x["ours"]]
+    if pairs_b:
+        print(f"geomean ours_b/ours = {statistics.geometric_mean(pairs_b):.3f} over {len(pairs_b)} cells "
+              f"(min {min(pairs_b):.3f}, max {max(pairs_b):.3f})")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"device": dev, "matmul_tflops": mm, "direction": "bwd" if a.bwd else "fwd", "mode": "lib",
