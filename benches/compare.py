@@ -68,6 +68,29 @@ def time_ms(fn, iters, warmup_ms=0):
     return statistics.median(times)
 
 
+def fmt_tflops(x):
+    return f"{x:7.1f}" if x else "      -"
+
+
+def fmt_ratio(x, y):
+    return f"{x / y:.2f}" if x and y else "-"
+
+
+def print_summary(rows, paper):
+    """Geometric means of ours over FA2 and cuDNN (and over the FlashAttention-3 paper grid)."""
+    paired = [(x["ours"], x["flash"], x["cudnn"]) for x in rows if x["ours"] and x["flash"] and x["cudnn"]]
+    if not paired:
+        return
+    gm = statistics.geometric_mean
+    print(f"geomean ours/FA2 = {gm([o / f for o, f, _ in paired]):.3f}, "
+          f"ours/cuDNN = {gm([o / c for o, _, c in paired]):.3f}, "
+          f"min ours/FA2 = {min(o / f for o, f, _ in paired):.3f} over {len(paired)} cells")
+    grid = [(x["ours"], x["cudnn"]) for x in rows
+            if paper and x["ours"] and x["cudnn"] and x["hdim"] in (64, 128, 256) and x["heads"] == x["heads_k"]]
+    if grid:
+        print(f"paper grid (d 64/128/256, MHA): ours/cuDNN = {gm([o / c for o, c in grid]):.3f} over {len(grid)} cells")
+
+
 def matmul_tflops(iters):
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -153,22 +176,11 @@ def main():
         o = ours.get((d, causal, s, h, hk))
         row["ours"] = o.get(metric) if o else None
         rows.append(row)
-
-        def f(x):
-            return f"{x:7.1f}" if x else "      -"
-
-        def r(x, y):
-            return f"{x / y:.2f}" if x and y else "-"
-
+        f, r = fmt_tflops, fmt_ratio
         print(f"{d:>4} {str(causal):>6} {s:>6} {h:>3}/{hk:<2} {f(row['ours'])} {f(row['flash'])} {f(row['cudnn'])} "
               f"{r(row['ours'], row['flash']):>8} {r(row['ours'], row['cudnn']):>10}", flush=True)
         del q, k, v
-    paired = [(x["ours"], x["flash"], x["cudnn"]) for x in rows if x["ours"] and x["flash"] and x["cudnn"]]
-    if paired:
-        gm = lambda xs: statistics.geometric_mean(xs)
-        print(f"geomean ours/FA2 = {gm([o / f for o, f, _ in paired]):.3f}, "
-              f"ours/cuDNN = {gm([o / c for o, _, c in paired]):.3f}, "
-              f"min ours/FA2 = {min(o / f for o, f, _ in paired):.3f} over {len(paired)} cells")
+    print_summary(rows, paper=False)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"device": dev, "matmul_tflops": mm, "direction": "bwd" if a.bwd else "fwd", "rows": rows}, fh,
@@ -208,6 +220,7 @@ class Ours:
 def run_lib(a):
     ours = Ours(a.lib)
     ours_b = Ours(a.lib_b) if a.lib_b else None
+    libs = {"ours": ours, "ours_b": ours_b} if ours_b else {"ours": ours}
     dev = torch.cuda.get_device_name()
     mm = matmul_tflops(a.iters)
     family = 1 if a.family == "sm80" else 0
@@ -241,29 +254,25 @@ def run_lib(a):
         shape = (b, s, s, h, hk, d, layout)
         flops = 4 * b * h * s * s * d / (2 if causal else 1) * (2.5 if a.bwd else 1)
         row = {"hdim": d, "causal": causal, "seqlen": s, "batch": b, "heads": h, "heads_k": hk, "layout": a.layout}
-        # Correctness first: ours against cuDNN's forward on the same inputs.
-        ours.fwd(q, k, v, out, lse, shape, causal, family)
+        # Correctness first: each build of ours against cuDNN's forward on the same inputs (the
+        # first build last, so that out and lse are its own for the backward).
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             ref = F.scaled_dot_product_attention(qv, kv, vv, is_causal=causal, enable_gqa=hk != h)
-        diff = (outv.float() - ref.float()).abs().max().item()
-        row["maxdiff"] = diff
-        if not diff < 0.1:
-            raise SystemExit(f"ours differs from cuDNN by {diff} on d {d} causal {causal} s {s}")
-        if ours_b:
+        for name, lib in reversed(libs.items()):
             out.fill_(float("nan"))
-            ours_b.fwd(q, k, v, out, lse, shape, causal, family)
-            diff_b = (outv.float() - ref.float()).abs().max().item()
-            if not diff_b < 0.1:
-                raise SystemExit(f"--lib-b differs from cuDNN by {diff_b} on d {d} causal {causal} s {s}")
+            lib.fwd(q, k, v, out, lse, shape, causal, family)
+            diff = (outv.float() - ref.float()).abs().max().item()
+            if not diff < 0.1:
+                raise SystemExit(f"{name} differs from cuDNN by {diff} on d {d} causal {causal} s {s}")
+        row["maxdiff"] = diff
         fns = {}
         if a.bwd:
             dout, doutv = make(h)
             dq, _ = make(h)
             dk, _ = make(hk)
             dv, _ = make(hk)
-            fns["ours"] = lambda: ours.bwd(q, k, v, out, dout, lse, dq, dk, dv, shape, causal, a.deterministic)
-            if ours_b:
-                fns["ours_b"] = lambda: ours_b.bwd(q, k, v, out, dout, lse, dq, dk, dv, shape, causal, a.deterministic)
+            for name, lib in libs.items():
+                fns[name] = lambda lib=lib: lib.bwd(q, k, v, out, dout, lse, dq, dk, dv, shape, causal, a.deterministic)
             for name, backend in BACKENDS.items():
                 qg, kg, vg = (x.detach().requires_grad_() for x in (qv, kv, vv))
                 try:
@@ -274,9 +283,8 @@ def run_lib(a):
                 except RuntimeError as e:
                     row[name + "_error"] = str(e).splitlines()[0][:120]
         else:
-            fns["ours"] = lambda: ours.fwd(q, k, v, out, None, shape, causal, family)
-            if ours_b:
-                fns["ours_b"] = lambda: ours_b.fwd(q, k, v, out, None, shape, causal, family)
+            for name, lib in libs.items():
+                fns[name] = lambda lib=lib: lib.fwd(q, k, v, out, None, shape, causal, family)
             for name in BACKENDS:
                 fns[name] = lambda: F.scaled_dot_product_attention(qv, kv, vv, is_causal=causal, enable_gqa=hk != h)
         times = {n: [] for n in fns}
@@ -295,28 +303,12 @@ def run_lib(a):
         for n in ("ours", "ours_b", "flash", "cudnn"):
             row[n] = flops / statistics.median(times[n]) / 1e9 if times.get(n) else None
         rows.append(row)
-
-        def f(x):
-            return f"{x:7.1f}" if x else "      -"
-
-        def rt(x, y):
-            return f"{x / y:.2f}" if x and y else "-"
-
+        f, rt = fmt_tflops, fmt_ratio
         b_col = f" {f(row['ours_b'])} {rt(row['ours_b'], row['ours']):>5}" if ours_b else ""
         print(f"{d:>4} {str(causal):>6} {s:>6} {h:>3}/{hk:<2} {f(row['ours'])} {f(row['flash'])} {f(row['cudnn'])} "
               f"{rt(row['ours'], row['flash']):>8} {rt(row['ours'], row['cudnn']):>10} {diff:8.1e}{b_col}", flush=True)
         del q, k, v, out, lse, fns
-    paired = [(x["ours"], x["flash"], x["cudnn"]) for x in rows if x["ours"] and x["flash"] and x["cudnn"]]
-    if paired:
-        gm = statistics.geometric_mean
-        print(f"geomean ours/FA2 = {gm([o / f for o, f, _ in paired]):.3f}, "
-              f"ours/cuDNN = {gm([o / c for o, _, c in paired]):.3f}, "
-              f"min ours/FA2 = {min(o / f for o, f, _ in paired):.3f} over {len(paired)} cells")
-        paper = [(x["ours"], x["cudnn"]) for x in rows
-                 if x["ours"] and x["cudnn"] and x["hdim"] in (64, 128, 256) and x["heads"] == x["heads_k"]]
-        if paper:
-            print(f"paper grid (d 64/128/256, MHA): ours/cuDNN = {gm([o / c for o, c in paper]):.3f} "
-                  f"over {len(paper)} cells")
+    print_summary(rows, paper=True)
     pairs_b = [x["ours_b"] / x["ours"] for x in rows if x.get("ours_b") and x["ours"]]
     if pairs_b:
         print(f"geomean ours_b/ours = {statistics.geometric_mean(pairs_b):.3f} over {len(pairs_b)} cells "
