@@ -751,12 +751,13 @@ pub const fn sm80_bwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 ///   L2 hit rate 87%), and 16 MB L2 sections instead of 32 were 0.996x (d 256 causal 2k-8k -4
 ///   to -8%). Neither kept.
 /// - d = 64: the second tile, 128 x 128 with 2 consumer WGs, runs causal calls up to 1k keys.
+/// - d = 80 / 96: the last tile, 128 x 128 x 3 stages, runs causal calls up to 1k keys.
 /// - Index 0 of every list is the general tile; `sm90_fwd_variant` says when another one runs.
 pub const fn sm90_fwd_tiles(head_dim: u32) -> &'static [Tile] {
     match head_dim {
         64 => &[tile!(192, 128, 16, 3), tile!(128, 128, 12, 3)],
-        80 => &[tile!(128, 176, 12, 3)],
-        96 => &[tile!(128, 176, 12, 3), tile!(192, 96, 16, 4)],
+        80 => &[tile!(128, 176, 12, 3), tile!(128, 128, 12, 3)],
+        96 => &[tile!(128, 176, 12, 3), tile!(192, 96, 16, 4), tile!(128, 128, 12, 3)],
         128 => &[tile!(128, 192, 12, 2), tile!(128, 128, 12, 2)],
         192 => &[tile!(128, 112, 12, 2)],
         256 => &[tile!(128, 80, 12, 2)],
@@ -808,6 +809,9 @@ pub const fn sm90_fwd_split_tile(head_dim: u32) -> Option<Tile> {
 /// - d = 128 without a mask, 128 x 128 vs 128 x 192 (H200, 2026-12-03, three alternating
 ///   rounds, best of each): +4.9% / +1.2% at 512 / 1k keys (MHA), +2.1% / +0.7% (GQA 32/8), so
 ///   calls up to 1k keys run the narrow tile too. At d = 64 the same swap cost 8% at 512 / 1k.
+/// - d = 80 / 96 causal, 128 x 128 x 3 vs 128 x 176 (H200, 2026-12-03, same-process A/B of two
+///   builds, `compare.py --lib-b`, median of three rounds): +14% / +13% at 512 / 1k keys (d = 80),
+///   +17% / +14% (d = 96); an older measurement had it 5-10% slower from 2k keys.
 /// - d = 96, 192 x 96 (3 consumer WGs) without a mask from 2k keys: see `sm90_fwd_tiles`.
 pub const fn sm90_fwd_variant(head_dim: u32, seqlen_k: usize, causal: bool) -> usize {
     match head_dim {
@@ -815,6 +819,8 @@ pub const fn sm90_fwd_variant(head_dim: u32, seqlen_k: usize, causal: bool) -> u
         128 if !causal && seqlen_k <= 1024 => 1,
         64 if causal && seqlen_k <= 1024 => 1,
         96 if !causal && seqlen_k >= 2048 => 1,
+        80 if causal && seqlen_k <= 1024 => 1,
+        96 if causal && seqlen_k <= 1024 => 2,
         _ => 0,
     }
 }
