@@ -311,7 +311,11 @@ pub(crate) fn run_bwd<T: AttnElement>(
         &guards,
         &prep,
         &dims,
-        seqlens.is_some(),
+        if seqlens.is_some() {
+            fwd::Ragged::All
+        } else {
+            fwd::Ragged::None
+        },
         [&q.layout, &k.layout, &v.layout, &out.layout],
     );
     p.o = out_ptr as *mut c_void;

@@ -718,17 +718,43 @@ impl<'s> Pointers<'s> {
     }
 }
 
+/// Which tensors of a launch are varlen (packed rows indexed through cu_seqlens, no batch stride).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ragged {
+    /// Dense (batch, seqlen, heads, d) tensors.
+    None,
+    /// q / o and k / v: the varlen entry points.
+    All,
+    /// q / o only: paged calls with varlen queries (k / v are the page pool, whose batch stride
+    /// is the page stride).
+    Queries,
+}
+
 /// The params block of a launch: pointers of q, k, v and the option buffers, strides (batch
-/// strides are 0 for varlen), sizes, mask and score modifiers. `layouts` = [q, k, v, o].
+/// strides are 0 for the `ragged` tensors), sizes, mask and score modifiers. `layouts` = [q, k,
+/// v, o].
 pub(crate) fn fill_params(
     ptrs: &Pointers<'_>,
     prep: &Prepared<'_>,
     dims: &Dims,
-    varlen: bool,
+    ragged: Ragged,
     layouts: [&Layout; 4],
 ) -> FaParams {
     let [ql, kl, vl, ol] = layouts;
-    let bstride = |l: &Layout| if varlen { 0 } else { l.batch_stride as i64 };
+    let q_stride = |l: &Layout| {
+        if ragged == Ragged::None {
+            l.batch_stride as i64
+        } else {
+            0
+        }
+    };
+    let kv_stride = |l: &Layout| {
+        if ragged == Ragged::All {
+            0
+        } else {
+            l.batch_stride as i64
+        }
+    };
     FaParams {
         q: ptrs.q as *const c_void,
         k: ptrs.k as *const c_void,
@@ -738,16 +764,16 @@ pub(crate) fn fill_params(
         seqused_k: ptrs.used_k as *const i32,
         alibi_slopes: ptrs.alibi as *const f32,
         sink_logits: ptrs.sinks as *const f32,
-        q_batch_stride: bstride(ql),
+        q_batch_stride: q_stride(ql),
         q_row_stride: ql.row_stride as i64,
         q_head_stride: ql.head_stride as i64,
-        k_batch_stride: bstride(kl),
+        k_batch_stride: kv_stride(kl),
         k_row_stride: kl.row_stride as i64,
         k_head_stride: kl.head_stride as i64,
-        v_batch_stride: bstride(vl),
+        v_batch_stride: kv_stride(vl),
         v_row_stride: vl.row_stride as i64,
         v_head_stride: vl.head_stride as i64,
-        o_batch_stride: bstride(ol),
+        o_batch_stride: q_stride(ol),
         o_row_stride: ol.row_stride as i64,
         o_head_stride: ol.head_stride as i64,
         batch: dims.batch as i32,
@@ -766,7 +792,7 @@ pub(crate) fn fill_params(
         scale: prep.scale,
         scale_log2: prep.scale * std::f32::consts::LOG2_E,
         softcap: prep.softcap,
-        flags: if varlen { FLAG_VARLEN } else { 0 },
+        flags: if ragged == Ragged::None { 0 } else { FLAG_VARLEN },
         ..FaParams::default()
     }
 }
@@ -984,7 +1010,7 @@ pub(crate) fn run_fwd<T: AttnElement>(
         &ptrs,
         &prep,
         &dims,
-        seqlens.is_some(),
+        if seqlens.is_some() { Ragged::All } else { Ragged::None },
         [&q.layout, &k.layout, &v.layout, &out.layout],
     );
     params.o = o_ptr as *mut c_void;

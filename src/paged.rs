@@ -26,11 +26,11 @@ use crate::cells::{Direction, HEAD_DIMS};
 use crate::dispatch::DISPATCH_TABLE;
 use crate::error::{Error, Result};
 use crate::fwd::{
-    Dims, FwdInfo, FwdTensors, Impl, Pointers, check_device, check_fwd_addresses, check_fwd_buffers, check_shapes,
-    choose_tile_in, fill_params, kernel_with_tile, plan_split, prepare_options, uses_ptx,
+    Dims, FwdInfo, FwdTensors, Impl, Pointers, Ragged, check_device, check_fwd_addresses, check_fwd_buffers,
+    check_shapes, choose_tile_in, fill_params, kernel_with_tile, plan_split, prepare_options, uses_ptx,
 };
 use crate::options::FwdOptions;
-use crate::params::{FLAG_PAGED, FLAG_VARLEN, FaParams};
+use crate::params::{FLAG_PAGED, FaParams};
 use crate::runtime::{self, Geometry};
 use crate::split::Split;
 use crate::tensor::{AttnElement, Layout};
@@ -333,7 +333,11 @@ pub fn flash_fwd_paged<T: AttnElement>(
         &ptrs,
         &prep,
         &dims,
-        false,
+        if paged.cu_q.is_some() {
+            Ragged::Queries
+        } else {
+            Ragged::None
+        },
         [&q.layout, &k.layout, &v.layout, &out.layout],
     );
     // Pool strides: batch stride = page stride, row stride = slot stride (fill_params copied
@@ -347,12 +351,9 @@ pub fn flash_fwd_paged<T: AttnElement>(
     params.seqlen_k = capacity as i32;
     params.flags |= FLAG_PAGED;
     let _g_cu_q = paged.cu_q.as_ref().map(|(cu, _, _)| {
-        // Varlen queries: global rows (no batch stride), sequence b from cu_seqlens_q.
+        // Varlen queries (`Ragged::Queries` above): sequence b's rows from cu_seqlens_q.
         let (ptr, g) = cu.device_ptr(stream);
         params.cu_seqlens_q = ptr as *const i32;
-        params.q_batch_stride = 0;
-        params.o_batch_stride = 0;
-        params.flags |= FLAG_VARLEN;
         g
     });
     if let Some(sp) = &split {

@@ -60,20 +60,59 @@ __device__ __forceinline__ uint32_t from_float2(float a, float b, __nv_bfloat16)
     return *reinterpret_cast<const uint32_t*>(&h);
 }
 
+// The row (one query, one head) this lane group merges, and this lane's place in its group: the
+// mapping of the launch contract above, shared by both kernels.
+struct RowSlot {
+    int lane;   // 0 .. lanes - 1
+    int lanes;  // lanes per row
+    bool valid; // false past the last row
+    int64_t b, s, h;
+    int64_t lse_index;  // (b * heads + h) * seqlen + s
+};
+
+__device__ __forceinline__ RowSlot row_slot(int64_t head_dim, int64_t batch, int64_t seqlen, int64_t heads) {
+    RowSlot r;
+    int const warp = static_cast<int>(threadIdx.x) / 32;
+    r.lanes = lanes_per_row(head_dim);
+    int const rows_per_warp = 32 / r.lanes;
+    r.lane = static_cast<int>(threadIdx.x) % 32 % r.lanes;
+    int64_t const row = (static_cast<int64_t>(blockIdx.x) * kMergeWarpsPerBlock + warp) * rows_per_warp +
+                        static_cast<int>(threadIdx.x) % 32 / r.lanes;
+    r.valid = row < batch * seqlen * heads;
+    r.h = row % heads;
+    int64_t const bs = row / heads;
+    r.s = bs % seqlen;
+    r.b = bs / seqlen;
+    r.lse_index = (r.b * heads + r.h) * seqlen + r.s;
+    return r;
+}
+
+// Writes 8 elements acc * inv_z as T at out + off (16 bytes).
+template <typename T>
+__device__ __forceinline__ void store_chunk(void* out, int64_t off, const float (&acc)[8], float inv_z) {
+    uint4 y;
+    y.x = from_float2(acc[0] * inv_z, acc[1] * inv_z, T{});
+    y.y = from_float2(acc[2] * inv_z, acc[3] * inv_z, T{});
+    y.z = from_float2(acc[4] * inv_z, acc[5] * inv_z, T{});
+    y.w = from_float2(acc[6] * inv_z, acc[7] * inv_z, T{});
+    *reinterpret_cast<uint4*>(reinterpret_cast<T*>(out) + off) = y;
+}
+
+// A row with no visible key in any part: O = 0 and LSE = -inf.
+template <typename T>
+__device__ __forceinline__ void write_empty_row(const RowSlot& r, void* out, int64_t out_base, int64_t chunks,
+                                                float* out_lse) {
+    for (int64_t c = r.lane; c < chunks; c += r.lanes) {
+        *reinterpret_cast<uint4*>(reinterpret_cast<T*>(out) + out_base + 8 * c) = make_uint4(0, 0, 0, 0);
+    }
+    if (r.lane == 0 && out_lse != nullptr) out_lse[r.lse_index] = -INFINITY;
+}
+
 template <typename T>
 __device__ void merge_row(const MergeParams& p) {
-    int const warp = static_cast<int>(threadIdx.x) / 32;
-    int const lanes = lanes_per_row(p.head_dim);
-    int const rows_per_warp = 32 / lanes;
-    int const lane = static_cast<int>(threadIdx.x) % 32 % lanes;
-    int64_t const row = (static_cast<int64_t>(blockIdx.x) * kMergeWarpsPerBlock + warp) * rows_per_warp +
-                        static_cast<int>(threadIdx.x) % 32 / lanes;
-    if (row >= p.batch * p.seqlen * p.heads) return;
-    int64_t const h = row % p.heads;
-    int64_t const bs = row / p.heads;
-    int64_t const s = bs % p.seqlen;
-    int64_t const b = bs / p.seqlen;
-    int64_t const lse_index = (b * p.heads + h) * p.seqlen + s;
+    RowSlot const r = row_slot(p.head_dim, p.batch, p.seqlen, p.heads);
+    if (!r.valid) return;
+    int64_t const b = r.b, s = r.s, h = r.h, lse_index = r.lse_index;
     int const n = static_cast<int>(p.n_parts);
 
     // Every lane reads the n LSEs (one 4-byte load each, broadcast within the lane group).
@@ -87,10 +126,7 @@ __device__ void merge_row(const MergeParams& p) {
     int64_t const chunks = p.head_dim / 8;
     int64_t const out_base = b * p.out_stride[0] + s * p.out_stride[1] + h * p.out_stride[2];
     if (m == -INFINITY) {
-        for (int64_t c = lane; c < chunks; c += lanes) {
-            *reinterpret_cast<uint4*>(reinterpret_cast<T*>(p.out) + out_base + 8 * c) = make_uint4(0, 0, 0, 0);
-        }
-        if (lane == 0 && p.out_lse != nullptr) p.out_lse[lse_index] = -INFINITY;
+        write_empty_row<T>(r, p.out, out_base, chunks, p.out_lse);
         return;
     }
     // A NaN LSE propagates: exp(NaN) is NaN, so Z and every output of the row are NaN.
@@ -103,7 +139,7 @@ __device__ void merge_row(const MergeParams& p) {
     }
     float const inv_z = 1.0f / z;
 
-    for (int64_t c = lane; c < chunks; c += lanes) {
+    for (int64_t c = r.lane; c < chunks; c += r.lanes) {
         float acc[8];
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
@@ -120,14 +156,9 @@ __device__ void merge_row(const MergeParams& p) {
                 acc[2 * j + 1] = fmaf(w[i], f.y, acc[2 * j + 1]);
             }
         }
-        uint4 y;
-        y.x = from_float2(acc[0] * inv_z, acc[1] * inv_z, T{});
-        y.y = from_float2(acc[2] * inv_z, acc[3] * inv_z, T{});
-        y.z = from_float2(acc[4] * inv_z, acc[5] * inv_z, T{});
-        y.w = from_float2(acc[6] * inv_z, acc[7] * inv_z, T{});
-        *reinterpret_cast<uint4*>(reinterpret_cast<T*>(p.out) + out_base + 8 * c) = y;
+        store_chunk<T>(p.out, out_base + 8 * c, acc, inv_z);
     }
-    if (lane == 0 && p.out_lse != nullptr) p.out_lse[lse_index] = m + logf(z);
+    if (r.lane == 0 && p.out_lse != nullptr) p.out_lse[lse_index] = m + logf(z);
 }
 
 // The split-KV combine: like merge_row, over p.n_splits fp32 parts at fixed offsets, with the
@@ -136,19 +167,10 @@ __device__ void merge_row(const MergeParams& p) {
 // Same grid, block and row mapping as merge_row; fp32 in split order (bitwise reproducible).
 template <typename T>
 __device__ void merge_split_row(const MergeSplitParams& p) {
-    int const warp = static_cast<int>(threadIdx.x) / 32;
-    int const lanes = lanes_per_row(p.head_dim);
-    int const rows_per_warp = 32 / lanes;
-    int const lane = static_cast<int>(threadIdx.x) % 32 % lanes;
+    RowSlot const r = row_slot(p.head_dim, p.batch, p.seqlen, p.heads);
+    if (!r.valid) return;
     int64_t const rows = p.batch * p.seqlen * p.heads;
-    int64_t const row = (static_cast<int64_t>(blockIdx.x) * kMergeWarpsPerBlock + warp) * rows_per_warp +
-                        static_cast<int>(threadIdx.x) % 32 / lanes;
-    if (row >= rows) return;
-    int64_t const h = row % p.heads;
-    int64_t const bs = row / p.heads;
-    int64_t const s = bs % p.seqlen;
-    int64_t const b = bs / p.seqlen;
-    int64_t const lse_index = (b * p.heads + h) * p.seqlen + s;
+    int64_t const b = r.b, s = r.s, h = r.h, lse_index = r.lse_index;
     int const n = static_cast<int>(p.n_splits);
 
     float const sink = p.sink_logits != nullptr ? p.sink_logits[h] : -INFINITY;
@@ -157,17 +179,14 @@ __device__ void merge_split_row(const MergeSplitParams& p) {
     int64_t const chunks = p.head_dim / 8;
     int64_t const out_base = b * p.out_stride[0] + s * p.out_stride[1] + h * p.out_stride[2];
     if (m == -INFINITY) {
-        for (int64_t c = lane; c < chunks; c += lanes) {
-            *reinterpret_cast<uint4*>(reinterpret_cast<T*>(p.out) + out_base + 8 * c) = make_uint4(0, 0, 0, 0);
-        }
-        if (lane == 0 && p.out_lse != nullptr) p.out_lse[lse_index] = -INFINITY;
+        write_empty_row<T>(r, p.out, out_base, chunks, p.out_lse);
         return;
     }
     float z = expf(sink - m);  // 0 without a sink logit
     for (int i = 0; i < n; ++i) z += expf(p.lse_partial[i * rows + lse_index] - m);
     float const inv_z = 1.0f / z;
 
-    for (int64_t c = lane; c < chunks; c += lanes) {
+    for (int64_t c = r.lane; c < chunks; c += r.lanes) {
         float acc[8];
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
@@ -185,14 +204,9 @@ __device__ void merge_split_row(const MergeSplitParams& p) {
             acc[6] = fmaf(w, x1.z, acc[6]);
             acc[7] = fmaf(w, x1.w, acc[7]);
         }
-        uint4 y;
-        y.x = from_float2(acc[0] * inv_z, acc[1] * inv_z, T{});
-        y.y = from_float2(acc[2] * inv_z, acc[3] * inv_z, T{});
-        y.z = from_float2(acc[4] * inv_z, acc[5] * inv_z, T{});
-        y.w = from_float2(acc[6] * inv_z, acc[7] * inv_z, T{});
-        *reinterpret_cast<uint4*>(reinterpret_cast<T*>(p.out) + out_base + 8 * c) = y;
+        store_chunk<T>(p.out, out_base + 8 * c, acc, inv_z);
     }
-    if (lane == 0 && p.out_lse != nullptr) p.out_lse[lse_index] = m + logf(z);
+    if (r.lane == 0 && p.out_lse != nullptr) p.out_lse[lse_index] = m + logf(z);
 }
 
 }  // namespace fa::merge
