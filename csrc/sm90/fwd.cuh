@@ -139,6 +139,13 @@ __device__ __forceinline__ void fwd_kernel(const FaParams& p, const CUtensorMap*
                 feed.release(bars);
                 continue;
             }
+            if (w.row_first() + 64 * cwg >= w.seq.sq) {
+                // None of this warpgroup's rows is in the sequence: keep the pipeline going
+                // without computing; nothing to store.
+                consumer.skip_tile(w, bars);
+                feed.release(bars);
+                continue;
+            }
             TileSoftmax<D, BN> softmax;
             float o[D / 2];
             consumer.mma_tile(p, w, sm, bars, ScoreMod(p, w.coord.batch, w.coord.head), softmax, o);
