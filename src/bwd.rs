@@ -311,11 +311,7 @@ pub(crate) fn run_bwd<T: AttnElement>(
         &guards,
         &prep,
         &dims,
-        if seqlens.is_some() {
-            fwd::Ragged::All
-        } else {
-            fwd::Ragged::None
-        },
+        fwd::Ragged::all_if(seqlens.is_some()),
         [&q.layout, &k.layout, &v.layout, &out.layout],
     );
     p.o = out_ptr as *mut c_void;

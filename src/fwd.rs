@@ -730,6 +730,13 @@ pub(crate) enum Ragged {
     Queries,
 }
 
+impl Ragged {
+    /// `All` for the varlen entry points, `None` for dense calls.
+    pub(crate) fn all_if(varlen: bool) -> Self {
+        if varlen { Ragged::All } else { Ragged::None }
+    }
+}
+
 /// The params block of a launch: pointers of q, k, v and the option buffers, strides (batch
 /// strides are 0 for the `ragged` tensors), sizes, mask and score modifiers. `layouts` = [q, k,
 /// v, o].
@@ -1010,7 +1017,7 @@ pub(crate) fn run_fwd<T: AttnElement>(
         &ptrs,
         &prep,
         &dims,
-        if seqlens.is_some() { Ragged::All } else { Ragged::None },
+        Ragged::all_if(seqlens.is_some()),
         [&q.layout, &k.layout, &v.layout, &out.layout],
     );
     params.o = o_ptr as *mut c_void;
