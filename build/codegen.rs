@@ -100,8 +100,8 @@ pub fn write(out_dir: &Path, built: &[Built], knobs: &Knobs) {
                     1 => &mut paged_kernels,
                     _ => &mut split_kernels,
                 },
-                "KernelEntry {{ symbol: {symbol:?}, tile: Tile {{ block_m: {}, block_n: {}, warps: {}, stages: {} }}, smem_bytes: {smem} }}, ",
-                tile.block_m, tile.block_n, tile.warps, tile.stages
+                "KernelEntry {{ symbol: {symbol:?}, tile: Tile {{ block_m: {}, block_n: {}, warps: {}, stages: {}, lead: {} }}, smem_bytes: {smem} }}, ",
+                tile.block_m, tile.block_n, tile.warps, tile.stages, tile.lead
             )
             .unwrap();
             let targets: Vec<&str> = b.targets.iter().map(|t| t.tag()).collect();

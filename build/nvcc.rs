@@ -169,7 +169,7 @@ fn translation_unit(cell: &Cell) -> String {
         } else {
             tu.push_str(&format!(
                 "{}({}, {}, {}, {}, {}, {}, {}, {})\n",
-                cell.instantiate_macro(),
+                cell.instantiate_macro_for(&tile),
                 symbol,
                 cell.dtype.cuda_type(),
                 cell.head_dim,

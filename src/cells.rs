@@ -166,6 +166,15 @@ impl Cell {
         }
     }
 
+    /// The macro in [`Cell::source`] that defines the kernel of one tile of this cell.
+    pub const fn instantiate_macro_for(&self, tile: &Tile) -> &'static str {
+        if tile.lead {
+            "FA_SM90_FWD_LEAD_KERNEL"
+        } else {
+            self.instantiate_macro()
+        }
+    }
+
     /// The macro in [`Cell::source`] that defines one kernel of this cell.
     pub const fn instantiate_macro(&self) -> &'static str {
         match (self.family, self.direction) {
@@ -241,7 +250,7 @@ impl Cell {
             return format!("fa_merge_{}", self.dtype.tag());
         }
         format!(
-            "fa_{}_{}_{}_hd{}_m{}n{}w{}s{}",
+            "fa_{}_{}_{}_hd{}_m{}n{}w{}s{}{}",
             self.family.tag(),
             self.direction.tag(),
             self.dtype.tag(),
@@ -249,7 +258,8 @@ impl Cell {
             tile.block_m,
             tile.block_n,
             tile.warps,
-            tile.stages
+            tile.stages,
+            if tile.lead { "_lead" } else { "" }
         )
     }
 
@@ -330,6 +340,15 @@ pub struct Tile {
     pub warps: u32,
     /// K/V shared-memory pipeline stages.
     pub stages: u32,
+    /// sm90-family forward only: the lead kernel (`FA_SM90_FWD_LEAD_KERNEL`, symbol + `_lead`).
+    /// Each consumer warpgroup passes over the first KV blocks of its tile that none of its own
+    /// rows sees (above the causal diagonal or the right window bound of its rows, not of the
+    /// tile's last row), keeping the pipeline's protocol, and a warpgroup that sees no key of
+    /// the tile stores zeros. It is a separate kernel rather than a run-time branch: compiled
+    /// into the general kernels, the same code cost calls without a mask 1-2% (H200,
+    /// 2026-12-03, two same-process A/Bs in both orders: d 64 / d 128 without a mask -1.2%
+    /// together, their scheduling changed), so only causal calls run it (`sm90_fwd_variant`).
+    pub lead: bool,
 }
 
 impl Tile {
@@ -339,6 +358,7 @@ impl Tile {
         block_n: 1,
         warps: 4,
         stages: 1,
+        lead: false,
     };
 
     /// Threads per block.
@@ -348,7 +368,8 @@ impl Tile {
 }
 
 /// `tile!(block_m, block_n, warps, stages)`: a [`Tile`] literal (a struct literal, so that
-/// `&[tile!(..)]` is promoted to a `'static` slice in the const tables below).
+/// `&[tile!(..)]` is promoted to a `'static` slice in the const tables below);
+/// `tile!(block_m, block_n, warps, stages, lead)`: the same tile's lead kernel ([`Tile::lead`]).
 macro_rules! tile {
     ($m:expr, $n:expr, $w:expr, $s:expr) => {
         Tile {
@@ -356,6 +377,16 @@ macro_rules! tile {
             block_n: $n,
             warps: $w,
             stages: $s,
+            lead: false,
+        }
+    };
+    ($m:expr, $n:expr, $w:expr, $s:expr, lead) => {
+        Tile {
+            block_m: $m,
+            block_n: $n,
+            warps: $w,
+            stages: $s,
+            lead: true,
         }
     };
 }
@@ -750,17 +781,23 @@ pub const fn sm80_bwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 ///   (tiles starting together then walk the same keys) changed nothing (1.00x over the grid,
 ///   L2 hit rate 87%), and 16 MB L2 sections instead of 32 were 0.996x (d 256 causal 2k-8k -4
 ///   to -8%). Neither kept.
-/// - d = 64: the second tile, 128 x 128 with 2 consumer WGs, runs causal calls up to 1k keys.
+/// - d = 64: the second tile, 128 x 128 with 2 consumer WGs, ran causal calls up to 1k keys
+///   until the third, 192 x 128's lead kernel ([`Tile::lead`]), took every causal call.
+/// - d = 256: the second tile is the first one's lead kernel, for causal calls.
 /// - d = 80 / 96: the last tile, 128 x 128 x 3 stages, runs causal calls up to 1k keys.
 /// - Index 0 of every list is the general tile; `sm90_fwd_variant` says when another one runs.
 pub const fn sm90_fwd_tiles(head_dim: u32) -> &'static [Tile] {
     match head_dim {
-        64 => &[tile!(192, 128, 16, 3), tile!(128, 128, 12, 3)],
+        64 => &[
+            tile!(192, 128, 16, 3),
+            tile!(128, 128, 12, 3),
+            tile!(192, 128, 16, 3, lead),
+        ],
         80 => &[tile!(128, 176, 12, 3), tile!(128, 128, 12, 3)],
         96 => &[tile!(128, 176, 12, 3), tile!(192, 96, 16, 4), tile!(128, 128, 12, 3)],
         128 => &[tile!(128, 192, 12, 2), tile!(128, 128, 12, 2)],
         192 => &[tile!(128, 112, 12, 2)],
-        256 => &[tile!(128, 80, 12, 2)],
+        256 => &[tile!(128, 80, 12, 2), tile!(128, 80, 12, 2, lead)],
         _ => &[],
     }
 }
@@ -775,10 +812,11 @@ pub const fn sm90_fwd_split_tile(head_dim: u32) -> Option<Tile> {
     if tiles.is_empty() {
         return None;
     }
+    // Index 0 is never a lead kernel; a split kernel is not compiled as one.
     let mut best = 0;
     let mut i = 1;
     while i < tiles.len() {
-        if tiles[i].block_m < tiles[best].block_m {
+        if !tiles[i].lead && tiles[i].block_m < tiles[best].block_m {
             best = i;
         }
         i += 1;
@@ -813,14 +851,25 @@ pub const fn sm90_fwd_split_tile(head_dim: u32) -> Option<Tile> {
 ///   builds, `compare.py --lib-b`, median of three rounds): +14% / +13% at 512 / 1k keys (d = 80),
 ///   +17% / +14% (d = 96); an older measurement had it 5-10% slower from 2k keys.
 /// - d = 96, 192 x 96 (3 consumer WGs) without a mask from 2k keys: see `sm90_fwd_tiles`.
+/// - Lead kernels ([`Tile::lead`]) for causal calls (H200, 2026-12-03, `compare.py --lib
+///   --lib-b`, two same-process A/Bs of main and the lead build in both orders, geometric mean
+///   of the two b/a ratios; the unchanged kernels of the same runs read 0.999): d = 64, the
+///   192 x 128 lead kernel against the former choice (128 x 128 up to 1k keys, 192 x 128 from
+///   2k) +8.7% / +7.3% / +2.4% / +0.3% / -1.0% at 512 / 1k / 2k / 4k / 16k keys; d = 256
+///   +4.7% / +1.1% / +2.7% / +1.4% / +1.0%. Not taken (an earlier A/B with the pass compiled
+///   into every kernel): d = 128 128 x 192 (causal 16k -2%; up to 4k keys 128 x 128 runs,
+///   where the pass never applies), d = 80 128 x 176 (-0.3% to +1.8%). d = 80 / 96 causal at
+///   2k keys: 128 x 128 measured +2.5% / +1.5% over 128 x 176 with the pass in both (within
+///   noise; the rule stays at 1k).
 pub const fn sm90_fwd_variant(head_dim: u32, seqlen_k: usize, causal: bool) -> usize {
     match head_dim {
         128 if causal && seqlen_k <= 4096 => 1,
         128 if !causal && seqlen_k <= 1024 => 1,
-        64 if causal && seqlen_k <= 1024 => 1,
+        64 if causal => 2,
         96 if !causal && seqlen_k >= 2048 => 1,
         80 if causal && seqlen_k <= 1024 => 1,
         96 if causal && seqlen_k <= 1024 => 2,
+        256 if causal => 1,
         _ => 0,
     }
 }

@@ -321,6 +321,7 @@ mod tests {
         block_n: 176,
         warps: 12,
         stages: 2,
+        lead: false,
     };
 
     /// Dense `(b, s, h, d)` contiguous params with distinct, 16-byte aligned base addresses.

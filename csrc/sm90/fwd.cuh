@@ -12,6 +12,7 @@
 // Instantiation (one line per tile of `sm90_fwd_tiles(d)`, src/cells.rs):
 //     FA_SM90_FWD_KERNEL(fa_sm90_fwd_{dtype}_hd{D}_m{BM}n{BN}w{W}s{S}, T, D, BM, BN, W, S, SMEM)
 // with SMEM = sm90_fwd_smem_bytes(D, dtype, tile) (static_asserted against SharedLayout here).
+// Tiles with `lead` set use FA_SM90_FWD_LEAD_KERNEL and the symbol + `_lead` (same contract).
 //
 // Kernel:
 //     extern "C" __global__ void __launch_bounds__(W * 32, 1)
@@ -65,7 +66,10 @@ struct RegisterSplit {
 };
 
 // kSplit: the split-KV kernel (`_split` symbols; see TileScheduler).
-template <typename T, int D, int BM, int BN, int W, int STAGES, int SMEM, bool kSplit = false>
+// kLead: the lead kernel (`_lead` symbols, `Tile::lead`): each consumer warpgroup passes over
+// the first KV blocks of the tile's visiting order that none of its own rows sees (above the
+// causal diagonal or right window bound of its rows, though not of the tile's later rows).
+template <typename T, int D, int BM, int BN, int W, int STAGES, int SMEM, bool kSplit = false, bool kLead = false>
 __device__ __forceinline__ void fwd_kernel(const FaParams& p, const CUtensorMap* tma_q, const CUtensorMap* tma_k,
                                            const CUtensorMap* tma_v) {
     using Layout = SharedLayout<T, D, BM, BN, STAGES>;
@@ -146,9 +150,28 @@ __device__ __forceinline__ void fwd_kernel(const FaParams& p, const CUtensorMap*
                 feed.release(bars);
                 continue;
             }
+            Work wl = w;
+            if constexpr (kLead) {
+                int const wg_rows_end = w.row_first() + 64 * cwg + 64;
+                int const wg_last_row = (wg_rows_end < w.seq.sq ? wg_rows_end : w.seq.sq) - 1;
+                int const lead = w.blocks.leading_hidden(MaskBounds(p, w.seq), wg_last_row);
+                if (lead == w.blocks.count()) {
+                    // No key of the tile is visible to this warpgroup's rows: O = 0 and the LSE
+                    // of an empty row, as for a tile without blocks.
+                    consumer.skip_tile(w, bars);
+                    Epi::template store_zero<kSplit>(p, w, cwg, thread_in_wg);
+                    feed.release(bars);
+                    continue;
+                }
+                consumer.pass_blocks(bars, lead);
+                wl.blocks = w.blocks.drop_leading(lead);
+            }
             TileSoftmax<D, BN> softmax;
             float o[D / 2];
-            consumer.mma_tile(p, w, sm, bars, ScoreMod(p, w.coord.batch, w.coord.head), softmax, o);
+            // Without the lead pass the loop reads w itself (wl is dead): the general kernels
+            // compile as they did before the pass existed.
+            Work const& wm = kLead ? wl : w;
+            consumer.mma_tile(p, wm, sm, bars, ScoreMod(p, w.coord.batch, w.coord.head), softmax, o);
 
             // The epilogue re-reads the tile index and re-derives the tile rather than keeping
             // them in registers through the main loop (register pressure: the loop holds S, P, O).
@@ -186,4 +209,12 @@ __device__ __forceinline__ void fwd_kernel(const FaParams& p, const CUtensorMap*
         NAME(const __grid_constant__ FaParams p, const __grid_constant__ CUtensorMap tma_q,                  \
              const __grid_constant__ CUtensorMap tma_k, const __grid_constant__ CUtensorMap tma_v) {         \
         ::fa::sm90::fwd_kernel<T, D, BM, BN, W, S, SMEM, true>(p, &tma_q, &tma_k, &tma_v);                   \
+    }
+
+// The lead kernel of a tile (`Tile::lead` in src/cells.rs; the symbol ends in `_lead`).
+#define FA_SM90_FWD_LEAD_KERNEL(NAME, T, D, BM, BN, W, S, SMEM)                                              \
+    extern "C" __global__ void __launch_bounds__((W) * 32, 1)                                                \
+        NAME(const __grid_constant__ FaParams p, const __grid_constant__ CUtensorMap tma_q,                  \
+             const __grid_constant__ CUtensorMap tma_k, const __grid_constant__ CUtensorMap tma_v) {         \
+        ::fa::sm90::fwd_kernel<T, D, BM, BN, W, S, SMEM, false, true>(p, &tma_q, &tma_k, &tma_v);            \
     }

@@ -402,6 +402,32 @@ struct Mainloop {
             st.advance();
         }
 
+        // Iterations [0, n) of a tile's visiting order that this warpgroup does not compute
+        // (lead kernels: the leading blocks none of its rows sees): their waits, releases and
+        // ping-pong turns, in the turns the computing warpgroups give them (turn j: S of block j
+        // with P.V of block j - 1). Leaves st at block n, with V of block n - 1 released too;
+        // mma_tile then runs the rest of the tile as if it started there. skip_tile is the same
+        // protocol for a whole tile, kept separate so that kernels without the lead pass compile
+        // as before.
+        __device__ void pass_blocks(const Bars& bars, int n) {
+            State prev = st;
+#pragma unroll 1
+            for (int j = 0; j < n; ++j) {
+                mbarrier_wait(bars.k_full(st.stage), st.phase);
+                turn_wait();
+                if (j > 0) mbarrier_wait(bars.v_full(prev.stage), prev.phase);
+                turn_pass();
+                release(bars.k_empty(st.stage));
+                if (j > 0) release(bars.v_empty(prev.stage));
+                prev = st;
+                st.advance();
+            }
+            if (n > 0) {
+                mbarrier_wait(bars.v_full(prev.stage), prev.phase);
+                release(bars.v_empty(prev.stage));
+            }
+        }
+
         // Stage of the block before the current one (the V the pending P.V reads).
         __device__ __forceinline__ static int st_v_stage(const State& s) {
             return s.stage == 0 ? STAGES - 1 : s.stage - 1;

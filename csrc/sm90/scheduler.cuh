@@ -242,6 +242,20 @@ struct KvBlocks {
         return KvBlocks{hi, lo, sink};
     }
 
+    // How many blocks at the start of the visiting order no row up to row_last sees (the
+    // right bound: the causal diagonal or window_right); at most the window blocks.
+    __device__ __forceinline__ int leading_hidden(const MaskBounds& mb, int row_last) const {
+        if (mb.window_right < 0) return 0;
+        int const last_visible = row_last + mb.diag + mb.window_right;
+        int const hi = last_visible < 0 ? 0 : last_visible / BN + 1;
+        int const n_window = window_end - window_begin;
+        int const lead = window_end - hi;
+        return lead <= 0 ? 0 : (lead < n_window ? lead : n_window);
+    }
+
+    // The sequence without its first n blocks (n <= the window blocks).
+    __device__ __forceinline__ KvBlocks drop_leading(int n) const { return KvBlocks{window_end - n, window_begin, sink_end}; }
+
     // Part s of n (split-KV): the s-th of n equal shares of the window blocks (the last ones
     // shorter or empty); part 0 keeps the sink blocks, which lie below the window.
     __device__ __forceinline__ KvBlocks part(int s, int n) const {
