@@ -784,7 +784,7 @@ pub const fn sm80_bwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 /// - d = 64: the second tile, 128 x 128 with 2 consumer WGs, ran causal calls up to 1k keys
 ///   until the third, 192 x 128's lead kernel ([`Tile::lead`]), took every causal call.
 /// - d = 256: the second tile is the first one's lead kernel, for causal calls.
-/// - d = 80 / 96: the last tile, 128 x 128 x 3 stages, runs causal calls up to 1k keys.
+/// - d = 80 / 96: the last tile, 128 x 128 x 3 stages, runs causal calls up to 2k keys.
 /// - Index 0 of every list is the general tile; `sm90_fwd_variant` says when another one runs.
 pub const fn sm90_fwd_tiles(head_dim: u32) -> &'static [Tile] {
     match head_dim {
@@ -858,17 +858,21 @@ pub const fn sm90_fwd_split_tile(head_dim: u32) -> Option<Tile> {
 ///   2k) +8.7% / +7.3% / +2.4% / +0.3% / -1.0% at 512 / 1k / 2k / 4k / 16k keys; d = 256
 ///   +4.7% / +1.1% / +2.7% / +1.4% / +1.0%. Not taken (an earlier A/B with the pass compiled
 ///   into every kernel): d = 128 128 x 192 (causal 16k -2%; up to 4k keys 128 x 128 runs,
-///   where the pass never applies), d = 80 128 x 176 (-0.3% to +1.8%). d = 80 / 96 causal at
-///   2k keys: 128 x 128 measured +2.5% / +1.5% over 128 x 176 with the pass in both (within
-///   noise; the rule stays at 1k).
+///   where the pass never applies), d = 80 128 x 176 (-0.3% to +1.8%). Compiled as lead
+///   kernels in a side build (`bench --variant`, two alternating rounds, causal): d = 128 128 x
+///   192 -1% / -2% at 8k / 16k (MHA and GQA 32/8); d = 80 128 x 176 -0.6% / +0.5% / +1.0% at
+///   2k / 4k / 8k; d = 96 128 x 176 +2.2% / +1.5% / -2.5%. None taken.
+/// - d = 80 / 96 causal at 2k keys, 128 x 128 x 3 against 128 x 176 (same side build): +3.7% /
+///   +2.7% (381.0 against 367.3, 425.4 against 414.1 TFLOP/s); at 4k -0.9% / -1.7%. So 128 x
+///   128 serves causal calls up to 2k keys.
 pub const fn sm90_fwd_variant(head_dim: u32, seqlen_k: usize, causal: bool) -> usize {
     match head_dim {
         128 if causal && seqlen_k <= 4096 => 1,
         128 if !causal && seqlen_k <= 1024 => 1,
         64 if causal => 2,
         96 if !causal && seqlen_k >= 2048 => 1,
-        80 if causal && seqlen_k <= 1024 => 1,
-        96 if causal && seqlen_k <= 1024 => 2,
+        80 if causal && seqlen_k <= 2048 => 1,
+        96 if causal && seqlen_k <= 2048 => 2,
         256 if causal => 1,
         _ => 0,
     }
