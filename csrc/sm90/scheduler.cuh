@@ -218,14 +218,20 @@ struct KvBlocks {
         return k < n_window ? window_end - 1 - k : sink_end - 1 - (k - n_window);
     }
 
+    // With a right bound (mb.window_right >= 0): one past the last block any row up to row_last
+    // sees through it (not capped by the sequence end).
+    __device__ __forceinline__ static int right_end(const MaskBounds& mb, int row_last) {
+        int const last_visible = row_last + mb.diag + mb.window_right;
+        return last_visible < 0 ? 0 : last_visible / BN + 1;
+    }
+
     // Rows [m_block * BM, min(m_block * BM + BM, sq)) with m_block * BM < sq.
     __device__ static KvBlocks make(const MaskBounds& mb, int sq, int m_block) {
         int const row_first = m_block * BM;
         int const row_last = (row_first + BM < sq ? row_first + BM : sq) - 1;
         int hi = ceil_div(mb.sk, BN);
         if (mb.window_right >= 0) {
-            int const last_visible = row_last + mb.diag + mb.window_right;
-            int const hi_window = last_visible < 0 ? 0 : last_visible / BN + 1;
+            int const hi_window = right_end(mb, row_last);
             hi = hi_window < hi ? hi_window : hi;
         }
         int lo = 0;
@@ -246,10 +252,8 @@ struct KvBlocks {
     // right bound: the causal diagonal or window_right); at most the window blocks.
     __device__ __forceinline__ int leading_hidden(const MaskBounds& mb, int row_last) const {
         if (mb.window_right < 0) return 0;
-        int const last_visible = row_last + mb.diag + mb.window_right;
-        int const hi = last_visible < 0 ? 0 : last_visible / BN + 1;
         int const n_window = window_end - window_begin;
-        int const lead = window_end - hi;
+        int const lead = window_end - right_end(mb, row_last);
         return lead <= 0 ? 0 : (lead < n_window ? lead : n_window);
     }
 
