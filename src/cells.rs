@@ -730,11 +730,11 @@ pub const fn sm80_bwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 ///   so the MUFU alone is not what bounds d = 64 here.
 /// - d = 80: 128 x 176, 3 stages. The head dim is 5 panels of 16 with a 32-byte swizzle (the
 ///   only swizzle that tiles 160-byte rows; one TMA box and one P.V wgmma of N = 80).
-///   192 x 96 x 4 stages (3 consumer WGs, 154816 bytes) measured 0.94-1.03x of it (H200,
+///   192 x 96 x 4 stages (3 consumer WGs, 154840 bytes) measured 0.94-1.03x of it (H200,
 ///   2026-12-02, every length, causal and not): not kept. 192 x 128 and 192 x 112 spill.
-/// - d = 96: 128 x 176, 3 stages (228512 bytes). 64-byte swizzle, 3 panels of 32. FA3 uses
+/// - d = 96: 128 x 176, 3 stages (228536 bytes). 64-byte swizzle, 3 panels of 32. FA3 uses
 ///   192 x 144 with P through smem; with P in registers 3 WGs x 160 registers do not fit it.
-///   Second: 192 x 96, 4 stages, 3 consumer WGs (185536 bytes; S + P + O = 120 registers, no
+///   Second: 192 x 96, 4 stages, 3 consumer WGs (185560 bytes; S + P + O = 120 registers, no
 ///   spills; 192 x 112 spills). At d <= 96 the exponentials of a block take about as long as
 ///   its Q.K^T (the MUFU does 16 per clock, the tensor cores 64 x 96 x 16 per wgmma step), so a
 ///   third warpgroup gives each one two other turns to hide its softmax behind. Measured (H200,
@@ -742,7 +742,7 @@ pub const fn sm80_bwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 ///   / +1% / +3% at 2k / 4k / 8k / 16k, -1.5% / -1% at 512 / 1k (the 192-row tiles waste a third
 ///   of the last m-block there); causal -3% to +2.5% (mixed). It runs non-causal calls from 2k
 ///   keys (`sm90_fwd_variant`).
-/// - d = 128: 128 x 192, 2 stages (230528 bytes; S + P + O = 208 registers, no spills with
+/// - d = 128: 128 x 192, 2 stages (230552 bytes; S + P + O = 208 registers, no spills with
 ///   the step descriptors below). It replaced FA3's non-causal tile, 128 x 176 (which an older
 ///   schedule needed for registers), on 2026-12-03 (H200, bf16, `bench --family sm90 --head-dims
 ///   128 --variant`, three alternating rounds, best of each): without a mask +2.9% / +3.2% /
@@ -772,8 +772,8 @@ pub const fn sm80_bwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 ///   1.73 GHz, issue slots 36% busy, L2 hit rate 95%, DRAM 4%; warp stall samples: wait 40%
 ///   (MUFU and FMNMX fixed-latency stalls), selected 17%, long scoreboard 10%, dispatch 8%,
 ///   named barrier (ping-pong turn) 7%.
-/// - d = 192: 128 x 112, 2 stages (222336 bytes); 3 stages do not fit.
-/// - d = 256: 128 x 80, 2 stages (230528 bytes): O alone is 128 registers. 128 x 64 measured
+/// - d = 192: 128 x 112, 2 stages (222360 bytes); 3 stages do not fit.
+/// - d = 256: 128 x 80, 2 stages (230552 bytes): O alone is 128 registers. 128 x 64 measured
 ///   within noise without a mask and 7% slower causal at 8k-16k (3% faster at 2k), and -3% to
 ///   +1.5% at 512-2k (causal and not). 128 x 64 x 3 stages and 128 x 96 do not fit (256 KB).
 ///   Causal at 16k runs at ~0.9x the non-causal rate; ncu (H200, 2026-12-02): L2 hit rate 89%,
@@ -884,7 +884,8 @@ pub const fn sm90_fwd_variant(head_dim: u32, seqlen_k: usize, causal: bool) -> u
 /// - Q: `block_m / 64` slabs of 64 rows x `head_dim`, each rounded up to 1024 bytes (the swizzle
 ///   period; the epilogue stages O in the same slabs);
 /// - K and V: `stages` tiles each of `block_n` rows x `head_dim`, rounded up to 1024 bytes;
-/// - `7 + 4 * stages` mbarriers of 8 bytes and 2 tile-index slots of 4 bytes;
+/// - `7 + 4 * stages` mbarriers of 8 bytes and 2 tile slots of 16 bytes (a decoded tile
+///   coordinate each, `TileFeed` in csrc/sm90/pipeline.cuh);
 /// - 1024 bytes of slack for aligning the base.
 pub const fn sm90_fwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u32 {
     const fn round_up_1k(x: u32) -> u32 {
@@ -895,7 +896,7 @@ pub const fn sm90_fwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
     let q = q_slabs * round_up_1k(64 * row_bytes);
     let kv = 2 * tile.stages * round_up_1k(tile.block_n * row_bytes);
     let barriers = (7 + 4 * tile.stages) * 8;
-    let tile_slots = 2 * 4;
+    let tile_slots = 2 * 16;
     q + kv + barriers + tile_slots + 1024
 }
 

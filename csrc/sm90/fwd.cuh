@@ -115,11 +115,13 @@ __device__ __forceinline__ void fwd_kernel(const FaParams& p, const CUtensorMap*
             int t = Sched::first();
 #pragma unroll 1
             while (true) {
-                feed.put(bars, t, leader);  // the invalid last index stops the consumers
-                if (!Sched::valid(p, t)) break;
+                bool const valid = Sched::valid(p, t);
+                TileCoord const c = valid ? Sched::coord(p, t) : TileCoord{-1, 0, 0, 0};
+                feed.put(bars, c, leader);  // m_block -1 (past the last tile) stops the consumers
+                if (!valid) break;
                 // Claim the next tile now: the atomic's latency hides behind this tile's loads.
                 int const claimed = lane == 0 ? Sched::claim(p) : 0;
-                Work const w(p, Sched::coord(p, t), kSplit);
+                Work const w(p, c, kSplit);
                 // Tiles without rows or keys: the consumers handle them without loads.
                 if (w.has_rows() && w.blocks.count() > 0) producer.load_tile(p, tma_q, tma_k, tma_v, sm, bars, w, leader);
                 t = Sched::next(p, t, __shfl_sync(0xffffffffu, claimed, 0));
@@ -135,9 +137,9 @@ __device__ __forceinline__ void fwd_kernel(const FaParams& p, const CUtensorMap*
         consumer.turn_start();
 #pragma unroll 1
         while (true) {
-            int const t = feed.take(bars);
-            if (!Sched::valid(p, t)) break;  // the producer's stop index
-            Work const w(p, Sched::coord(p, t), kSplit);
+            TileCoord const c = feed.take(bars);
+            if (c.m_block < 0) break;  // the producer's stop signal
+            Work const w(p, c, kSplit);
             if (!w.has_rows() || w.blocks.count() == 0) {
                 if (w.has_rows()) Epi::template store_zero<kSplit>(p, w, cwg, thread_in_wg);
                 feed.release(bars);
@@ -173,9 +175,10 @@ __device__ __forceinline__ void fwd_kernel(const FaParams& p, const CUtensorMap*
             Work const& wm = kLead ? wl : w;
             consumer.mma_tile(p, wm, sm, bars, ScoreMod(p, w.coord.batch, w.coord.head), softmax, o);
 
-            // The epilogue re-reads the tile index and re-derives the tile rather than keeping
-            // them in registers through the main loop (register pressure: the loop holds S, P, O).
-            Work const we(p, Sched::coord(p, feed.current(bars)));
+            // The epilogue re-reads the tile's coordinate and re-derives the tile rather than
+            // keeping them in registers through the main loop (register pressure: the loop holds
+            // S, P, O).
+            Work const we(p, feed.current(bars));
             // Split-KV: the sink logit joins the denominator only where the parts are combined.
             bool const has_sink = p.sink_logits != nullptr && !kSplit;
             float const sink_logit = has_sink ? p.sink_logits[we.coord.head] : 0.0f;

@@ -119,7 +119,7 @@ struct SmemTile {
 //   V      STAGES tiles of BN rows
 //   mbarriers (8 bytes each): q_full, q_empty, v_fix, k_full[S], k_empty[S], v_full[S], v_empty[S],
 //          tile_full[2], tile_empty[2]
-//   tile slots: 2 x int32, the tile indices the producer hands to the consumers
+//   tile slots: 2 x TileCoord (4 x int32), the decoded tiles the producer hands to the consumers
 // plus 1024 bytes of slack to align the base at run time.
 //
 // src/cells.rs (`sm90_fwd_smem_bytes`) computes the same total; fwd.cuh static_asserts equality.
@@ -136,7 +136,7 @@ struct SharedLayout {
     static constexpr uint32_t kBarrierOffset = kVOffset + STAGES * KVTile::kStride;
     static constexpr int kNumBarriers = 3 + 4 * STAGES + 4;
     static constexpr uint32_t kTileSlotOffset = kBarrierOffset + 8u * kNumBarriers;
-    static constexpr uint32_t kUsedBytes = kTileSlotOffset + 8u;
+    static constexpr uint32_t kUsedBytes = kTileSlotOffset + 32u;  // 2 slots of one TileCoord
     static constexpr uint32_t kAlignSlack = 1024;
     static constexpr uint32_t kSmemBytes = kUsedBytes + kAlignSlack;
     static_assert(kSmemBytes <= 227u * 1024u, "the tile does not fit the 227 KB of shared memory of an H100/H200 CTA");

@@ -29,6 +29,7 @@
 #include <stdint.h>
 
 #include "sm90/ptx.cuh"
+#include "sm90/scheduler.cuh"
 
 namespace fa::sm90 {
 
@@ -82,7 +83,8 @@ struct Barriers {
         return base + 24u + 8u * (4 * STAGES + kTileSlots + i);
     }
     // The tile-index slots (int32), right after the barriers.
-    __device__ __forceinline__ uint32_t tile_slot(int i) const { return base + 8u * kCount + 4u * i; }
+    // Slot i holds one decoded tile coordinate (TileCoord, 16 bytes, 8-byte aligned).
+    __device__ __forceinline__ uint32_t tile_slot(int i) const { return base + 8u * kCount + 16u * i; }
 
     static constexpr int kTileSlots = 2;
     static constexpr int kCount = 3 + 4 * STAGES + 2 * kTileSlots;
@@ -121,26 +123,34 @@ struct TileFeed {
     __device__ __forceinline__ int slot() const { return static_cast<int>(n & 1u); }
     __device__ __forceinline__ uint32_t phase() const { return (n >> 1) & 1u; }
 
-    // Producer warp, all lanes; `leader` writes. Also hands over the final, invalid index that
-    // tells the consumers to stop.
-    __device__ __forceinline__ void put(const Barriers<STAGES>& bars, int tile, bool leader) {
+    // Producer warp, all lanes; `leader` writes. The producer decodes each tile index once and
+    // publishes the coordinate, so that the consumers never run the scheduler's divisions (about
+    // six run-time integer divisions per decode, twice per tile per consumer thread before).
+    // m_block < 0 is the stop signal.
+    __device__ __forceinline__ void put(const Barriers<STAGES>& bars, const TileCoord& c, bool leader) {
         // The consumers must have finished the tile two back, which held this slot.
         mbarrier_wait(bars.tile_empty(slot()), phase() ^ 1u);
         if (leader) {
-            st_shared_b32(bars.tile_slot(slot()), static_cast<uint32_t>(tile));
-            mbarrier_arrive(bars.tile_full(slot()));  // release: orders the store before it
+            uint32_t const a = bars.tile_slot(slot());
+            st_shared_v2_b32(a, static_cast<uint32_t>(c.m_block), static_cast<uint32_t>(c.head));
+            st_shared_v2_b32(a + 8u, static_cast<uint32_t>(c.batch), static_cast<uint32_t>(c.split));
+            mbarrier_arrive(bars.tile_full(slot()));  // release: orders the stores before it
         }
         ++n;
     }
 
-    // Consumers, every thread: the index of the next tile (waits until it is published).
-    __device__ __forceinline__ int take(const Barriers<STAGES>& bars) const {
+    // Consumers, every thread: the next tile (waits until it is published).
+    __device__ __forceinline__ TileCoord take(const Barriers<STAGES>& bars) const {
         mbarrier_wait(bars.tile_full(slot()), phase());
         return current(bars);
     }
-    // The index take() returned, read again from the slot (still held).
-    __device__ __forceinline__ int current(const Barriers<STAGES>& bars) const {
-        return static_cast<int>(ld_shared_b32(bars.tile_slot(slot())));
+    // The coordinate take() returned, read again from the slot (still held).
+    __device__ __forceinline__ TileCoord current(const Barriers<STAGES>& bars) const {
+        uint32_t const a = bars.tile_slot(slot());
+        uint32_t x, y, z, w;
+        ld_shared_v2_b32(a, x, y);
+        ld_shared_v2_b32(a + 8u, z, w);
+        return TileCoord{static_cast<int>(x), static_cast<int>(y), static_cast<int>(z), static_cast<int>(w)};
     }
     // Consumers, every thread, once the tile is finished: gives the slot back. Without this
     // arrival the producer never reuses the slot and hangs.

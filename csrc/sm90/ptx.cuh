@@ -102,6 +102,14 @@ __device__ __forceinline__ uint32_t ld_shared_b32(uint32_t addr) {
     return value;
 }
 
+__device__ __forceinline__ void st_shared_v2_b32(uint32_t addr, uint32_t a, uint32_t b) {
+    asm volatile("st.shared.v2.b32 [%0], {%1, %2};" ::"r"(addr), "r"(a), "r"(b) : "memory");
+}
+
+__device__ __forceinline__ void ld_shared_v2_b32(uint32_t addr, uint32_t& a, uint32_t& b) {
+    asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];" : "=r"(a), "=r"(b) : "r"(addr) : "memory");
+}
+
 // ---- TMA (cp.async.bulk.tensor) ----------------------------------------------------------------
 
 // Pulls a descriptor into the TMA unit's cache ahead of its first use.

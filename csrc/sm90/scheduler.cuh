@@ -38,7 +38,8 @@ __device__ __forceinline__ int num_splits(const FaParams& p) { return p.num_spli
 //     claim, so a launch makes exactly `total` claims, and the CTA that draws the last one
 //     (total - 1) resets it; no CTA claims after that. The launcher keeps one counter per stream
 //     (launches on a stream run in order) instead of zeroing a fresh one per call.
-// The producer hands each tile index to the consumers through shared memory (TileFeed).
+// The producer decodes each tile index (coord) and hands the coordinate to the consumers through
+// shared memory (TileFeed), so only its warp runs the divisions below.
 //
 // Order: (batch, head) pairs are cut into L2 sections of `section_hb` pairs (K and V within
 // kL2Budget bytes; one wave's worth when tiles are of equal length, see section_hb); inside a
