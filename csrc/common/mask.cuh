@@ -124,8 +124,28 @@ struct Mask {
 
     // Sets every invisible element of a score fragment to -inf (run after ScoreMod::apply, so
     // softcap cannot turn -inf back into a finite score).
+    // Without a left bound (causal, right window, sequence end) a row's visible keys are
+    // [0, key_end): one compare of the element's constant column offset against key_end - col0
+    // and one select, instead of the three compares of the general rule.
     template <int MT, int NT>
     __device__ __forceinline__ void apply(float (&s)[MT][NT][4], int row0, int col0) const {
+        if (!has_left()) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    const int lim = key_end(row0 + 16 * mt + 8 * half) - col0;  // visible: 8 nt + e < lim
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            if (!(8 * nt + e < lim)) s[mt][nt][2 * half + e] = -INFINITY;
+                        }
+                    }
+                }
+            }
+            return;
+        }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll

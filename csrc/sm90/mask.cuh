@@ -91,9 +91,32 @@ struct ScoreMod {
 // Sets invisible scores to -inf (after the score modifiers, so that softcap cannot turn -inf
 // into a finite value). Only called for blocks where MaskBounds::needs_mask is true. Branch-free:
 // per row, the visible keys are [left, right) plus the sink keys [0, sink_tokens) below left.
+//
+// Without a left bound (causal, right window, sequence end) a row's visible keys are [0, right):
+// each element is one compare of its column offset, a constant, against right - col_base - col0,
+// and one select, instead of the three compares of the general rule (the diagonal blocks of
+// short causal calls are a large share of their work).
 template <int N>
 __device__ __forceinline__ void apply_mask(float (&s)[N / 2], const AccCoord& ac, int row_base, int col_base,
                                            const MaskBounds& mb) {
+    if (mb.window_left < 0) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            int const i = row_base + ac.row0 + 8 * h;
+            int right = mb.sk;  // exclusive
+            if (mb.window_right >= 0) right = min(right, i + mb.diag + mb.window_right + 1);
+            int const lim = right - col_base - ac.col0;  // visible: 8 c + x < lim
+#pragma unroll
+            for (int c = 0; c < N / 8; ++c) {
+#pragma unroll
+                for (int x = 0; x < 2; ++x) {
+                    int const e = 4 * c + 2 * h + x;
+                    s[e] = 8 * c + x < lim ? s[e] : -INFINITY;
+                }
+            }
+        }
+        return;
+    }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         int const i = row_base + ac.row0 + 8 * h;
