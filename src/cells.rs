@@ -882,7 +882,7 @@ pub const fn sm90_fwd_variant(head_dim: u32, seqlen_k: usize, causal: bool) -> u
 /// to 1024 itself). `csrc/sm90/layout.cuh` (`SharedLayout`) computes the same number and every
 /// kernel static_asserts that it equals the one the build passes in:
 /// - Q: `block_m / 64` slabs of 64 rows x `head_dim`, each rounded up to 1024 bytes (the swizzle
-///   period; the epilogue stages O in the same slabs);
+///   period; the epilogue stores O from registers, not through these slabs);
 /// - K and V: `stages` tiles each of `block_n` rows x `head_dim`, rounded up to 1024 bytes;
 /// - `7 + 4 * stages` mbarriers of 8 bytes and 2 tile slots of 16 bytes (a decoded tile
 ///   coordinate each, `TileFeed` in csrc/sm90/pipeline.cuh);

@@ -138,6 +138,13 @@ struct OnlineSoftmax {
 // cells, d 256 (128 x 80) -2% to +1% (no direction), d 128 on its 128 x 192 tile -1% to -4%
 // on every cell, d 64 (128-wide block) -3.5% to -5%. It also ran on d 128's former 128 x 176
 // tile (+2% to +4.5% without a mask there), so the gain belongs to that block width.
+//
+// Tried, not kept: 2^x from a cubic on the FMA pipe (8 instructions: clamp, floor through a
+// rounding add, Horner, exponent add) for a share of the elements instead of MUFU.EX2, the
+// software exponential of FlashAttention-4. Same-process A/B on H200 (2026-12-03, both orders,
+// docs/perf-log.md run 11): every 4th column group -6.5% at d 64 / 128, every 8th -3.0%, every
+// 8th at d 80 / 96 / 192 / 256 -1.7%. So the MUFU is not what limits these kernels; presumably
+// instruction issue is (the coordinate feed, which only removed instructions, gained 3%).
 template <int D, int BN>
 using TileSoftmax = OnlineSoftmax<BN, BN == 176 ? 2 : 0>;
 
