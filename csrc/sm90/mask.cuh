@@ -102,10 +102,7 @@ __device__ __forceinline__ void apply_mask(float (&s)[N / 2], const AccCoord& ac
     if (mb.window_left < 0) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            int const i = row_base + ac.row0 + 8 * h;
-            int right = mb.sk;  // exclusive
-            if (mb.window_right >= 0) right = min(right, i + mb.diag + mb.window_right + 1);
-            int const lim = right - col_base - ac.col0;  // visible: 8 c + x < lim
+            int const lim = mb.key_end(row_base + ac.row0 + 8 * h) - col_base - ac.col0;  // visible: 8 c + x < lim
 #pragma unroll
             for (int c = 0; c < N / 8; ++c) {
 #pragma unroll
@@ -120,8 +117,7 @@ __device__ __forceinline__ void apply_mask(float (&s)[N / 2], const AccCoord& ac
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         int const i = row_base + ac.row0 + 8 * h;
-        int right = mb.sk;  // exclusive
-        if (mb.window_right >= 0) right = min(right, i + mb.diag + mb.window_right + 1);
+        int const right = mb.key_end(i);
         int const left = mb.window_left >= 0 ? i + mb.diag - mb.window_left : INT_MIN;
         int const sink = mb.window_left >= 0 ? mb.sink_tokens : 0;
 #pragma unroll

@@ -183,6 +183,13 @@ struct MaskBounds {
         sink_tokens = p.sink_tokens < s.sk ? p.sink_tokens : s.sk;  // keys past sk do not exist
     }
 
+    // End (exclusive) of the keys row i sees as far as the right bound and the sequence end go.
+    __device__ __forceinline__ int key_end(int i) const {
+        int right = sk;
+        if (window_right >= 0) right = min(right, i + diag + window_right + 1);
+        return right;
+    }
+
     // Rows [row_first, row_last] against blocks of block_n keys: a block needs the mask iff some
     // (row, key) pair in it fails the rule.
     __device__ __forceinline__ MaskSteps steps(int row_first, int row_last, int block_n) const {
