@@ -16,8 +16,9 @@
 //                                the P·V reading stage s completed
 //   v_fix        1 + tx bytes    producer's own TMA V of a block       the producer itself
 //                                that straddles seqused_k
-//   tile_full[i] 1               producer, after writing the index    consumers, before each tile
-//                                of its next tile into slot i
+//   tile_full[i] 1               producer, after writing the          consumers, before each tile
+//                                coordinate of its next tile into
+//                                slot i
 //   tile_empty[i] 4 C            one lane per consumer warp, after    producer, before rewriting
 //                                the epilogue of the tile in slot i    slot i
 //
@@ -82,8 +83,8 @@ struct Barriers {
     __device__ __forceinline__ uint32_t tile_empty(int i) const {
         return base + 24u + 8u * (4 * STAGES + kTileSlots + i);
     }
-    // The tile-index slots (int32), right after the barriers.
-    // Slot i holds one decoded tile coordinate (TileCoord, 16 bytes, 8-byte aligned).
+    // The tile slots, right after the barriers: slot i holds one decoded tile coordinate
+    // (TileCoord, 16 bytes, 8-byte aligned).
     __device__ __forceinline__ uint32_t tile_slot(int i) const { return base + 8u * kCount + 16u * i; }
 
     static constexpr int kTileSlots = 2;
@@ -110,10 +111,10 @@ struct Barriers {
     }
 };
 
-// Hands tile indices from the producer warp to the consumer warpgroups through the tile slots,
+// Hands decoded tiles from the producer warp to the consumer warpgroups through the tile slots,
 // a ring of kTileSlots = 2: the producer may publish the next tile while the consumers still
 // work on the current one, whose slot they hold until its epilogue is done (so they can re-read
-// the index there instead of keeping it in a register through the main loop). One counter of
+// the coordinate there instead of keeping it in registers through the main loop). One counter of
 // handed-over tiles gives slot (n % 2) and phase ((n / 2) % 2).
 template <int STAGES>
 struct TileFeed {
