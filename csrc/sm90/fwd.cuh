@@ -145,7 +145,8 @@ __device__ __forceinline__ void fwd_kernel(const FaParams& p, const CUtensorMap*
                 feed.release(bars);
                 continue;
             }
-            if (w.row_first() + 64 * cwg >= w.seq.sq) {
+            int const wg_row0 = w.row_first() + 64 * cwg;  // this warpgroup's first row
+            if (wg_row0 >= w.seq.sq) {
                 // None of this warpgroup's rows is in the sequence: keep the pipeline going
                 // without computing; nothing to store.
                 consumer.skip_tile(w, bars);
@@ -154,7 +155,7 @@ __device__ __forceinline__ void fwd_kernel(const FaParams& p, const CUtensorMap*
             }
             Work wl = w;
             if constexpr (kLead) {
-                int const wg_rows_end = w.row_first() + 64 * cwg + 64;
+                int const wg_rows_end = wg_row0 + 64;
                 int const wg_last_row = (wg_rows_end < w.seq.sq ? wg_rows_end : w.seq.sq) - 1;
                 int const lead = w.blocks.leading_hidden(MaskBounds(p, w.seq), wg_last_row);
                 if (lead == w.blocks.count()) {
