@@ -753,7 +753,12 @@ pub const fn sm80_bwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 ///   slower than 128 x 176 under a causal mask (2k-16k, MHA and GQA, both with the dynamic
 ///   scheduler), and 128 x 128 x 3 stages 0-5% slower without a mask; at d = 80 / 96 causal,
 ///   128 x 128 x 3 stages was 5-10% slower. So 128 x 176 serves every mask, except causal calls
-///   up to 4k keys, which run 128 x 128 x 2 stages (second; `sm90_fwd_variant`).
+///   up to 4k keys, which run 128 x 128 (second; `sm90_fwd_variant`).
+///   That second tile has 3 stages since 2026-12-03 (230584 bytes): against 2 stages (H200,
+///   bf16, `compare.py --lib --lib-b`, both orders, geometric mean of the two, perf log run
+///   12) +1.2% over the 12 cells it serves (causal 512-4k and non-causal 512 / 1k, MHA and
+///   GQA 32/8; -0.6% to +3.4%), while the 8 cells it does not serve read 0.999. The same
+///   A/B gave d = 64's 192 x 128 a fourth stage: within noise (-0.8% to +0.9%), not kept.
 ///   Schedule, measured (H200, 2026-12-03, bf16, 16k tokens, `bench --family sm90 --head-dims
 ///   128 --seqlens 2048,8192`, three interleaved rounds, medians; rounds vary by up to +-3%):
 ///   wgmma descriptors built once per issue plus a constant per k16 step (`k_major_step`,
@@ -795,7 +800,7 @@ pub const fn sm90_fwd_tiles(head_dim: u32) -> &'static [Tile] {
         ],
         80 => &[tile!(128, 176, 12, 3), tile!(128, 128, 12, 3)],
         96 => &[tile!(128, 176, 12, 3), tile!(192, 96, 16, 4), tile!(128, 128, 12, 3)],
-        128 => &[tile!(128, 192, 12, 2), tile!(128, 128, 12, 2)],
+        128 => &[tile!(128, 192, 12, 2), tile!(128, 128, 12, 3)],
         192 => &[tile!(128, 112, 12, 2)],
         256 => &[tile!(128, 80, 12, 2), tile!(128, 80, 12, 2, lead)],
         _ => &[],
