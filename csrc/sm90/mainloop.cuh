@@ -231,8 +231,10 @@ struct Mainloop {
             wgmma_commit();
         }
 
+        // accumulate = false (the tile's first P.V): O = P V, the old contents of o ignored, so
+        // that o needs no zeroing at the start of each tile (D / 2 moves per thread).
         __device__ __forceinline__ void issue_pv(float (&o)[D / 2], uint32_t (&pf)[kPVSteps][4], const Smem& sm,
-                                                 int stage) const {
+                                                 int stage, bool accumulate) const {
             uint32_t const v = __shfl_sync(0xffffffffu, sm.v_tile(stage), 0);  // uniform: see issue_qk
             fence_operands(o);
             fence_operands(pf);
@@ -241,12 +243,13 @@ struct Mainloop {
                 uint64_t const v_desc = KVTile::desc_mn_major(v, 0);
 #pragma unroll
                 for (int ks = 0; ks < kPVSteps; ++ks) {
-                    WgmmaRSTransB<T, D>::mma(o, pf[ks], v_desc + KVTile::mn_major_step(ks), 1u);
+                    WgmmaRSTransB<T, D>::mma(o, pf[ks], v_desc + KVTile::mn_major_step(ks),
+                                             ks > 0 || accumulate ? 1u : 0u);
                 }
             } else {
 #pragma unroll
                 for (int ks = 0; ks < kPVSteps; ++ks) {
-                    WgmmaRSTransB<T, D>::mma(o, pf[ks], KVTile::desc_mn_major(v, ks), 1u);
+                    WgmmaRSTransB<T, D>::mma(o, pf[ks], KVTile::desc_mn_major(v, ks), ks > 0 || accumulate ? 1u : 0u);
                 }
             }
             wgmma_commit();
@@ -298,8 +301,7 @@ struct Mainloop {
             float s[BN / 2];
             uint32_t pf[kPVSteps][4];
             float o_scale[2];
-#pragma unroll
-            for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+            // o is not zeroed: the tile's first P.V overwrites it (issue_pv, accumulate = false).
             sm_state.reset();
 
             // Q of this tile has landed (the wgmma reads it through the async proxy; the mbarrier
@@ -340,7 +342,7 @@ struct Mainloop {
                 fence_operands(pf);
                 if (k > 0) {
                     release(bars.v_empty(st_v_stage(st)));
-                    if (needs_rescale) rescale(o, o_scale);  // at k = 0, o is still 0
+                    if (needs_rescale) rescale(o, o_scale);  // at k = 0, o holds nothing yet
                 }
                 to_a_fragments(s, pf);
                 if (!more) break;
@@ -350,7 +352,7 @@ struct Mainloop {
                 turn_wait();
                 issue_qk(s, sm, st.stage);
                 mbarrier_wait(bars.v_full(st_v.stage), st_v.phase);  // V of block k has landed
-                issue_pv(o, pf, sm, st_v.stage);
+                issue_pv(o, pf, sm, st_v.stage, k > 0);
                 turn_pass();
                 wgmma_wait<1>();  // the older group, S, is done; P.V may still run
                 fence_operands(s);
@@ -361,7 +363,7 @@ struct Mainloop {
             // ---- last P.V: V of the last block lives in stage st ----
             mbarrier_wait(bars.v_full(st.stage), st.phase);  // V of the last block has landed
             turn_wait();
-            issue_pv(o, pf, sm, st.stage);
+            issue_pv(o, pf, sm, st.stage, count > 1);
             turn_pass();
             wgmma_wait<0>();
             fence_operands(o);
