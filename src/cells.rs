@@ -852,6 +852,9 @@ pub const fn sm90_fwd_split_tile(head_dim: u32) -> Option<Tile> {
 /// - d = 128 without a mask, 128 x 128 vs 128 x 192 (H200, 2026-12-03, three alternating
 ///   rounds, best of each): +4.9% / +1.2% at 512 / 1k keys (MHA), +2.1% / +0.7% (GQA 32/8), so
 ///   calls up to 1k keys run the narrow tile too. At d = 64 the same swap cost 8% at 512 / 1k.
+///   Extending it to 4k keys (128 x 128 x 3 against 128 x 192, same-process A/B in both orders,
+///   H200, 2026-12-03, perf log run 12): 2k / 4k 0.990 / 0.976 (MHA), 0.995 / 0.972 (GQA), so
+///   the bound stays at 1k.
 /// - d = 80 / 96 causal, 128 x 128 x 3 vs 128 x 176 (H200, 2026-12-03, same-process A/B of two
 ///   builds, `compare.py --lib-b`, median of three rounds): +14% / +13% at 512 / 1k keys (d = 80),
 ///   +17% / +14% (d = 96); an older measurement had it 5-10% slower from 2k keys.

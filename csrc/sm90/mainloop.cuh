@@ -133,6 +133,11 @@ struct Mainloop {
             if (leader) mbarrier_arrive(bars.v_full(s.stage));
         }
 
+        // Tried, not kept (H200, 2026-12-03, perf log run 12 call 2, 32 cells at 512-8k): an L2
+        // prefetch of the next tile's Q when the producer starts the tile (1.001), and on top a
+        // Q full / empty pair per consumer warpgroup, so each warpgroup's next Q loads as soon
+        // as its own last Q.K^T is done (1.001 more). Q latency does not limit the tile
+        // transition; its cost is instructions (see epilogue.cuh).
         __device__ void load_tile(const FaParams& p, const CUtensorMap* tma_q, const CUtensorMap* tma_k,
                                   const CUtensorMap* tma_v, const Smem& sm, const Bars& bars, const Work& w,
                                   bool leader) {
@@ -232,7 +237,8 @@ struct Mainloop {
         }
 
         // accumulate = false (the tile's first P.V): O = P V, the old contents of o ignored, so
-        // that o needs no zeroing at the start of each tile (D / 2 moves per thread).
+        // that o needs no zeroing at the start of each tile (D / 4 CS2R per thread; H200 A/B
+        // over d 128 / 256 at 512-2k 1.002, within noise, d 256 512 keys +3-4%; perf log run 12).
         __device__ __forceinline__ void issue_pv(float (&o)[D / 2], uint32_t (&pf)[kPVSteps][4], const Smem& sm,
                                                  int stage, bool accumulate) const {
             uint32_t const v = __shfl_sync(0xffffffffu, sm.v_tile(stage), 0);  // uniform: see issue_qk
