@@ -91,6 +91,9 @@ struct Epilogue {
             bool const valid = r < w.seq.sq;           // the same for the 4 lanes of a quad
             // 16-byte aligned: the base and every stride are 16-byte aligned (src/fwd.rs).
             T* const row = o_ptr + o_offset(p, w, valid ? r : 0);
+            // This lane's first chunk; run j's chunk is 4 j 16-byte units on, an immediate
+            // offset of the store (indexing with 4 j + t rebuilt each 64-bit address instead).
+            uint4* const dst = reinterpret_cast<uint4*>(row + 8 * t);
 #pragma unroll
             for (int j = 0; j < kRuns; ++j) {
                 uint32_t x[4];
@@ -121,7 +124,7 @@ struct Epilogue {
                     x[1] = s0;
                     x[3] = s1;
                 }
-                if (valid) *reinterpret_cast<uint4*>(row + 8 * (4 * j + t)) = make_uint4(x[0], x[1], x[2], x[3]);
+                if (valid) dst[4 * j] = make_uint4(x[0], x[1], x[2], x[3]);
             }
             if (!valid) continue;
 #pragma unroll
