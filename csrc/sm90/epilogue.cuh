@@ -27,7 +27,8 @@
 // What the epilogue costs (ncu and SASS, H200, 2026-12-03, perf log run 12 call 4): the d 128
 // kernel runs about 7200 warp instructions per tile beyond its KV blocks, which makes it 5.5%
 // slower per FLOP at 4k keys than at 8k; a consumer warp's epilogue is about 470 of its ~800
-// (104 SEL and 35 SHFL of the transpose below, 73 FMUL, 32 F2F, ~100 of address arithmetic).
+// (104 SEL and 35 SHFL of the transpose below, 73 FMUL, 32 F2F, ~100 of address arithmetic,
+// 41 fewer since the stores take immediate offsets).
 // A stmatrix transpose through shared memory would take ~8 instructions per warp instead of
 // ~140, but needs staging room the d >= 96 tiles do not have at their stage counts.
 //
@@ -92,7 +93,9 @@ struct Epilogue {
             // 16-byte aligned: the base and every stride are 16-byte aligned (src/fwd.rs).
             T* const row = o_ptr + o_offset(p, w, valid ? r : 0);
             // This lane's first chunk; run j's chunk is 4 j 16-byte units on, an immediate
-            // offset of the store (indexing with 4 j + t rebuilt each 64-bit address instead).
+            // offset of the store (indexing with 4 j + t rebuilt each 64-bit address instead:
+            // 16-91 more SASS instructions per kernel; H200 A/B, d 128 / 256 + GQA at 512 / 1k,
+            // both masks, +0.9% geomean, -1.3% to +3.3%; perf log run 12 call 6).
             uint4* const dst = reinterpret_cast<uint4*>(row + 8 * t);
 #pragma unroll
             for (int j = 0; j < kRuns; ++j) {
