@@ -155,6 +155,8 @@ __device__ __forceinline__ void fwd_kernel(const FaParams& p, const CUtensorMap*
             }
             Work wl = w;
             if constexpr (kLead) {
+                // The value of w.wg_last_row(cwg), written out: through the helper the lead
+                // kernels compile differently (not yet tested on a GPU), the others identically.
                 int const wg_rows_end = wg_row0 + 64;
                 int const wg_last_row = (wg_rows_end < w.seq.sq ? wg_rows_end : w.seq.sq) - 1;
                 int const lead = w.blocks.leading_hidden(MaskBounds(p, w.seq), wg_last_row);

@@ -242,6 +242,7 @@ struct Mainloop {
         __device__ __forceinline__ void issue_pv(float (&o)[D / 2], uint32_t (&pf)[kPVSteps][4], const Smem& sm,
                                                  int stage, bool accumulate) const {
             uint32_t const v = __shfl_sync(0xffffffffu, sm.v_tile(stage), 0);  // uniform: see issue_qk
+            uint32_t const first = accumulate ? 1u : 0u;  // scale-d of k16 step 0 (later steps: 1)
             fence_operands(o);
             fence_operands(pf);
             wgmma_fence();  // o was rescaled and pf converted by ordinary instructions
@@ -249,13 +250,12 @@ struct Mainloop {
                 uint64_t const v_desc = KVTile::desc_mn_major(v, 0);
 #pragma unroll
                 for (int ks = 0; ks < kPVSteps; ++ks) {
-                    WgmmaRSTransB<T, D>::mma(o, pf[ks], v_desc + KVTile::mn_major_step(ks),
-                                             ks > 0 || accumulate ? 1u : 0u);
+                    WgmmaRSTransB<T, D>::mma(o, pf[ks], v_desc + KVTile::mn_major_step(ks), ks > 0 ? 1u : first);
                 }
             } else {
 #pragma unroll
                 for (int ks = 0; ks < kPVSteps; ++ks) {
-                    WgmmaRSTransB<T, D>::mma(o, pf[ks], KVTile::desc_mn_major(v, ks), ks > 0 || accumulate ? 1u : 0u);
+                    WgmmaRSTransB<T, D>::mma(o, pf[ks], KVTile::desc_mn_major(v, ks), ks > 0 ? 1u : first);
                 }
             }
             wgmma_commit();
@@ -302,7 +302,7 @@ struct Mainloop {
                                  const ScoreMod& mod, TileSoftmax<D, BN>& sm_state, float (&o)[D / 2]) {
             // Which blocks of this warpgroup's 64 rows need the mask.
             int const row_base = w.row_first() + 64 * wg;
-            int const row_last = w.seq.sq - 1 < row_base + 63 ? w.seq.sq - 1 : row_base + 63;
+            int const row_last = w.wg_last_row(wg);
             MaskSteps const steps = MaskBounds(p, w.seq).steps(row_base, row_last < row_base ? row_base : row_last, BN);
             float s[BN / 2];
             uint32_t pf[kPVSteps][4];

@@ -297,6 +297,12 @@ struct TileWork {
     // Tiles past the end of a (shorter, varlen) sequence have no rows: nothing to do or write.
     __device__ __forceinline__ bool has_rows() const { return coord.m_block * BM < seq.sq; }
     __device__ __forceinline__ int row_first() const { return coord.m_block * BM; }
+    // Last row (within the sequence) of consumer warpgroup wg's 64 rows, clipped to the
+    // sequence end (below the warpgroup's first row when none of its rows is in the sequence).
+    __device__ __forceinline__ int wg_last_row(int wg) const {
+        int const last = row_first() + 64 * wg + 63;
+        return seq.sq - 1 < last ? seq.sq - 1 : last;
+    }
 };
 
 }  // namespace fa::sm90
