@@ -122,7 +122,7 @@ def main():
     ap.add_argument("--lib", help="libpyffi.so (examples/pyffi.rs): time ours in this process")
     ap.add_argument("--rounds", type=int, default=3, help="--lib: alternating rounds per cell")
     ap.add_argument("--layout", choices=["bshd", "bhsd"], default="bshd", help="--lib: tensor layout")
-    ap.add_argument("--family", choices=["auto", "sm80"], default="auto", help="--lib: our forward family")
+    ap.add_argument("--family", choices=["auto", "sm80"], default="auto", help="--lib: our family (forward and backward)")
     ap.add_argument("--deterministic", action="store_true", help="--lib --bwd: our deterministic mode")
     ap.add_argument("--lib-b", help="--lib: a second build of libpyffi.so, timed alongside (A/B of our own versions)")
     ap.add_argument("--seqlens", help="--lib: comma-separated sequence lengths instead of the grid's")
@@ -197,7 +197,7 @@ class Ours:
         self.lib = ctypes.CDLL(path)
         u, i = ctypes.c_uint64, ctypes.c_int32
         self.lib.fa_ffi_fwd.argtypes = [u] * 5 + [i] * 9
-        self.lib.fa_ffi_bwd.argtypes = [u] * 9 + [i] * 9
+        self.lib.fa_ffi_bwd.argtypes = [u] * 9 + [i] * 10
         self.lib.fa_ffi_error.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
         self.lib.fa_ffi_error.restype = ctypes.c_size_t
 
@@ -211,10 +211,10 @@ class Ours:
         self.check(self.lib.fa_ffi_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                                        lse.data_ptr() if lse is not None else 0, *shape, int(causal), family))
 
-    def bwd(self, q, k, v, out, dout, lse, dq, dk, dv, shape, causal, deterministic):
+    def bwd(self, q, k, v, out, dout, lse, dq, dk, dv, shape, causal, deterministic, family):
         self.check(self.lib.fa_ffi_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), dout.data_ptr(),
                                        lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), *shape,
-                                       int(causal), int(deterministic)))
+                                       int(causal), int(deterministic), family))
 
 
 def run_lib(a):
@@ -272,7 +272,8 @@ def run_lib(a):
             dk, _ = make(hk)
             dv, _ = make(hk)
             for name, lib in libs.items():
-                fns[name] = lambda lib=lib: lib.bwd(q, k, v, out, dout, lse, dq, dk, dv, shape, causal, a.deterministic)
+                fns[name] = lambda lib=lib: lib.bwd(q, k, v, out, dout, lse, dq, dk, dv, shape, causal, a.deterministic,
+                                                           family)
             for name, backend in BACKENDS.items():
                 qg, kg, vg = (x.detach().requires_grad_() for x in (qv, kv, vv))
                 try:

@@ -228,7 +228,7 @@ pub unsafe extern "C" fn fa_ffi_fwd(
 }
 
 /// Backward of `fa_ffi_fwd` with the same shape and options: dq, dk, dv from q, k, v, out,
-/// dout and the forward's lse (fp32, (b, h, sq)), bf16.
+/// dout and the forward's lse (fp32, (b, h, sq)), bf16; `family` as for the forward.
 ///
 /// # Safety
 /// As `fa_ffi_fwd`; every pointer is required.
@@ -253,11 +253,12 @@ pub unsafe extern "C" fn fa_ffi_bwd(
     layout: i32,
     causal: i32,
     deterministic: i32,
+    family: i32,
 ) -> i32 {
     report((|| {
         let st = stream()?;
         let sh = Shape::new(b, sq, sk, h, hk, d, layout)?;
-        let (opts, over) = options(causal, 0)?;
+        let (opts, over) = options(causal, family)?;
         // SAFETY: the caller's contract.
         let (qb, kb, vb, ob, dob, lb, mut dqb, mut dkb, mut dvb) = unsafe {
             (

@@ -2,15 +2,17 @@
 //!
 //! Inputs: q, k, v, out, dout and the forward's LSE; outputs dq, dk, dv (and dsink with learnable
 //! sink logits). Three kernels run in stream order: a preprocess (`_dot`: D = rowsum(dO * O)), the
-//! main kernel (`_main`) and a postprocess (`_convert`). The fast path is the sm80 family
-//! (csrc/sm80/bwd.cuh) on every device, including H100 (the sm90 family has no backward).
+//! main kernel (`_main`) and a postprocess (`_convert`). The fast paths: the sm90 family
+//! (csrc/sm90/bwd.cuh: TMA + wgmma) on H100 / H200 at head dims 64 and 128
+//! (`SM90_BWD_HEAD_DIMS`), the sm80 family (csrc/sm80/bwd.cuh) everywhere else, and for
+//! deterministic mode on every device. [`BwdInfo::cell`] names the cell that ran.
 //!
 //! fp32 workspaces are allocated by the crate on the call's stream for each call
 //! (stream-ordered allocation, freed when the call returns and the stream reaches that point; the
 //! sm80 family's come from a crate-owned memory pool per device that keeps its memory across
 //! synchronizations, see `PooledBuf`; [`release_workspace_memory`] hands it back):
 //!
-//! - sm80 family, with `BM` the chosen tile's query block (`Tile::block_m`) and `R` the
+//! - sm80 and sm90 families (the same layout; the sm90 tile has `BM` = 64), with `BM` the chosen tile's query block (`Tile::block_m`) and `R` the
 //!   workspace rows per head, `batch * ceil(seqlen_q / BM) * BM` (dense) or
 //!   `round_up(total_q, 16) + batch * (BM + 16)` (varlen, every sequence padded to whole blocks):
 //!   `8 * heads * R` bytes of row statistics (log2 LSE and D), `4 * heads * R * head_dim` bytes of
@@ -229,9 +231,22 @@ pub(crate) fn run_bwd<T: AttnElement>(
         }
         Impl::Flash => {
             let key = prep.dispatch_key(info.arch, T::DTYPE, &dims, seqlens.is_some());
-            match ov.family {
+            let kref = match ov.family {
                 Some(family) => DISPATCH_TABLE.lookup_family(&key, Direction::Bwd, family)?,
                 None => DISPATCH_TABLE.resolve(&key, Direction::Bwd, false)?,
+            };
+            if opts.deterministic && kref.cell().family == Family::Sm90 {
+                // The sm90 backward adds dQ with unordered reductions only: deterministic mode
+                // runs the sm80 family's (`BwdInfo::cell` names it), unless that family is
+                // excluded by a forced family.
+                if ov.family == Some(Family::Sm90) {
+                    return Err(Error::NoKernel {
+                        what: format!("{} (Bwd, deterministic) in the sm90 family", key.kernel_name()),
+                    });
+                }
+                DISPATCH_TABLE.lookup_family(&key, Direction::Bwd, Family::Sm80)?
+            } else {
+                kref
             }
         }
     };
@@ -418,13 +433,39 @@ pub(crate) fn run_bwd<T: AttnElement>(
         }
     };
     let mut params = p;
+    // The sm90 main kernel also takes the tensor maps of q, k, v and dout (encoded before any
+    // launch, so that a stride TMA cannot express fails the call with nothing written).
+    let mut maps = if imp == Impl::Flash && kref.cell().family == Family::Sm90 {
+        Some(crate::sm90_tma::encode_bwd_tensor_maps(
+            &params,
+            T::DTYPE,
+            dims.head_dim as u32,
+            &entry.tile,
+            rows_k,
+        )?)
+    } else {
+        None
+    };
     let mut args = [&mut params as *mut FaParams as *mut c_void];
-    // SAFETY: the backward kernels (reference and sm80 family) take one `FaParams` by value; every
-    // pointer in it was checked above (or is a workspace sized here) and its guard lives until
-    // this function returns.
+    // SAFETY: the dot and convert kernels of every family, and the reference and sm80 main
+    // kernels, take one `FaParams` by value; the sm90 main kernel takes `FaParams` and four
+    // `CUtensorMap`s (q, k, v, dout) by value, in this order. Every pointer in the params was
+    // checked above (or is a workspace sized here) and its guard lives until this returns.
     unsafe {
         runtime::launch(f_dot, g_dot, stream, &mut args)?;
-        runtime::launch(f_main, g_main, stream, &mut args)?;
+        match &mut maps {
+            Some([m0, m1, m2, m3]) => {
+                let mut main_args = [
+                    args[0],
+                    m0 as *mut _ as *mut c_void,
+                    m1 as *mut _ as *mut c_void,
+                    m2 as *mut _ as *mut c_void,
+                    m3 as *mut _ as *mut c_void,
+                ];
+                runtime::launch(f_main, g_main, stream, &mut main_args)?;
+            }
+            None => runtime::launch(f_main, g_main, stream, &mut args)?,
+        }
         runtime::launch(f_convert, g_convert, stream, &mut args)?;
     }
     drop(guards);
@@ -434,7 +475,8 @@ pub(crate) fn run_bwd<T: AttnElement>(
     })
 }
 
-/// Block size of the sm80-family dot and convert kernels (`kBwdPrePostThreads` in csrc/sm80/bwd.cuh).
+/// Block size of the dot and convert kernels of both families (`kBwdPrePostThreads` in
+/// csrc/sm80/bwd.cuh, `kBwdThreads` in csrc/sm90/bwd.cuh).
 const SM80_BWD_PRE_POST_THREADS: u32 = 256;
 
 /// The fp32 workspaces of one backward call (see the module docs for their sizes). Buffers a

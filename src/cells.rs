@@ -196,7 +196,7 @@ impl Cell {
             (Family::Sm80, Direction::Fwd) => sm80_fwd_tiles(self.head_dim).to_vec(),
             (Family::Sm80, Direction::Bwd) => sm80_bwd_tiles(self.head_dim).to_vec(),
             (Family::Sm90, Direction::Fwd) => sm90_fwd_tiles(self.head_dim).to_vec(),
-            (Family::Sm90, Direction::Bwd) => Vec::new(),
+            (Family::Sm90, Direction::Bwd) => sm90_bwd_tiles(self.head_dim).to_vec(),
         }
     }
 
@@ -270,6 +270,7 @@ impl Cell {
             (Family::Sm80, Direction::Fwd) => sm80_fwd_smem_bytes(self.head_dim, self.dtype, tile),
             (Family::Sm80, Direction::Bwd) => sm80_bwd_smem_bytes(self.head_dim, self.dtype, tile),
             (Family::Sm90, Direction::Fwd) => sm90_fwd_smem_bytes(self.head_dim, self.dtype, tile),
+            (Family::Sm90, Direction::Bwd) => sm90_bwd_smem_bytes(self.head_dim, self.dtype, tile),
             _ => 0,
         }
     }
@@ -908,6 +909,41 @@ pub const fn sm90_fwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
     q + kv + barriers + tile_slots + 1024
 }
 
+/// Head dims of the sm90-family (FlashAttention-3 class) backward. The others run the sm80
+/// family's backward on H100 / H200 (`family_supports` in src/dispatch.rs routes them there).
+///
+/// Why only these: the kernel (csrc/sm90/bwd.cuh) splits dQ's head-dim columns between its two
+/// warpgroups at `head_dim / 2`, which must start on a 16-byte chunk of the K tile's swizzled
+/// lines and be a wgmma N with a wrapper (32, 64); a warpgroup holds dK + dV (`head_dim`
+/// registers per thread) besides S^T / dP^T (64), so d = 192 / 256 need another split.
+pub const SM90_BWD_HEAD_DIMS: [u32; 2] = [64, 128];
+
+/// sm90-family backward tiles: one, 64 query rows per step x 128 keys per thread block, two
+/// warpgroups of 64 keys each (8 warps), 2 Q / dO stages (csrc/sm90/bwd.cuh).
+pub const fn sm90_bwd_tiles(head_dim: u32) -> &'static [Tile] {
+    match head_dim {
+        64 | 128 => &[tile!(64, 128, 8, 2)],
+        _ => &[],
+    }
+}
+
+/// Shared memory of an sm90-family backward tile (`BwdLayout` in csrc/sm90/bwd.cuh, which
+/// static_asserts the same number): K and V (`block_n` rows), `stages` x (Q and dO, `block_m`
+/// rows), the dS^T tile (`block_n` x `block_m`), `stages` x 2 x `block_m` fp32 statistics, 3
+/// mbarriers, 1024 bytes of alignment slack; tiles rounded to 1024 bytes.
+pub const fn sm90_bwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u32 {
+    const fn round_up_1k(x: u32) -> u32 {
+        x.div_ceil(1024) * 1024
+    }
+    let elem = dtype.size_in_bytes() as u32;
+    let row_bytes = head_dim * elem;
+    let kv = 2 * round_up_1k(tile.block_n * row_bytes);
+    let q_do = 2 * tile.stages * round_up_1k(tile.block_m * row_bytes);
+    let ds = round_up_1k(tile.block_n * tile.block_m * elem);
+    let stats = tile.stages * 2 * tile.block_m * 4;
+    kv + q_do + ds + stats + 3 * 8 + 1024
+}
+
 /// Every cell the crate knows how to build, before the build knobs filter it. Families whose
 /// kernels are not written yet are absent rather than stubbed.
 pub fn whitelist() -> Vec<Cell> {
@@ -948,6 +984,17 @@ pub fn whitelist() -> Vec<Cell> {
         for head_dim in HEAD_DIMS {
             cells.push(Cell {
                 family: Family::Sm80,
+                direction: Direction::Bwd,
+                dtype,
+                head_dim,
+            });
+        }
+    }
+    // The sm90-family backward (16-bit, SM90_BWD_HEAD_DIMS).
+    for dtype in [DType::F16, DType::Bf16] {
+        for head_dim in SM90_BWD_HEAD_DIMS {
+            cells.push(Cell {
+                family: Family::Sm90,
                 direction: Direction::Bwd,
                 dtype,
                 head_dim,

@@ -320,8 +320,13 @@ fn family_supports(family: Family, key: &DispatchKey, direction: Direction) -> b
         Family::Reference | Family::Merge => false,
         // The sm80 family: 16-bit forward (dense, varlen, paged KV) and backward; no fp8 path.
         Family::Sm80 => (!key.paged || direction == Direction::Fwd) && !key.dtype.is_fp8(),
-        // The sm90 family: 16-bit forward, no paged KV yet.
-        Family::Sm90 => !key.paged && !key.dtype.is_fp8() && direction == Direction::Fwd,
+        // The sm90 family: 16-bit forward, no paged KV yet; the backward at the head dims of
+        // `SM90_BWD_HEAD_DIMS` (the others run the sm80 family's backward).
+        Family::Sm90 => {
+            !key.paged
+                && !key.dtype.is_fp8()
+                && (direction == Direction::Fwd || crate::cells::SM90_BWD_HEAD_DIMS.contains(&key.head_dim))
+        }
     }
 }
 

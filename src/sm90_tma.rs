@@ -1,4 +1,5 @@
-//! Host-side TMA descriptors (`CUtensorMap`) of the sm90-family forward kernels.
+//! Host-side TMA descriptors (`CUtensorMap`) of the sm90-family kernels (forward: q, k, v;
+//! backward: q, k, v and dout, the last like q).
 //!
 //! Each of Q, K and V gets one rank-5 tiled tensor map over its `(row, head, batch)` view with
 //! the head dim cut into swizzle panels, innermost first:
@@ -306,6 +307,52 @@ pub(crate) fn encode_fwd_tensor_maps(
     total_k: usize,
 ) -> Result<[sys::CUtensorMap; 3], Error> {
     encode_all(&fwd_geometries(p, dtype, head_dim, tile, Some(total_k as u64))?, dtype)
+}
+
+/// The four geometries (q, k, v, dout) of an sm90 backward launch: the forward's q, k, v (box
+/// rows 64 and `tile.block_n`) and dout like q (its own strides, `p.dout`).
+pub(crate) fn bwd_geometries(
+    p: &FaParams,
+    dtype: DType,
+    head_dim: u32,
+    tile: &Tile,
+    total_k: Option<u64>,
+) -> Result<[TmaGeometry; 4], Error> {
+    let [q, k, v] = fwd_geometries(p, dtype, head_dim, tile, total_k)?;
+    let varlen = p.flags & FLAG_VARLEN != 0;
+    let dout = geometry(
+        View {
+            name: "dout",
+            address: p.dout as u64,
+            rows: q.dims[1],
+            heads: q.dims[3],
+            batch: q.dims[4],
+            row_stride: p.do_row_stride,
+            head_stride: p.do_head_stride,
+            batch_stride: if varlen { 0 } else { p.do_batch_stride },
+            box_rows: Q_BOX_ROWS,
+        },
+        head_dim,
+        dtype.size_in_bytes() as u32,
+    )?;
+    Ok([q, k, v, dout])
+}
+
+/// Tensor maps (q, k, v, dout) of an sm90 backward launch; `total_k` as for the forward.
+pub(crate) fn encode_bwd_tensor_maps(
+    p: &FaParams,
+    dtype: DType,
+    head_dim: u32,
+    tile: &Tile,
+    total_k: usize,
+) -> Result<[sys::CUtensorMap; 4], Error> {
+    let g = bwd_geometries(p, dtype, head_dim, tile, Some(total_k as u64))?;
+    Ok([
+        encode(&g[0], dtype)?,
+        encode(&g[1], dtype)?,
+        encode(&g[2], dtype)?,
+        encode(&g[3], dtype)?,
+    ])
 }
 
 fn encode_all(g: &[TmaGeometry; 3], dtype: DType) -> Result<[sys::CUtensorMap; 3], Error> {

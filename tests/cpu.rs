@@ -255,10 +255,41 @@ fn lookup_misses_are_typed() {
         lookup(&key(SmArch::Sm90a, DType::F8E4m3, 128)),
         Err(Error::NoKernel { .. })
     ));
-    // The backward is served by the sm80 family on every arch (when these knobs compiled it).
-    match DISPATCH_TABLE.lookup_bwd(&key(SmArch::Sm90a, DType::Bf16, 128)) {
-        Ok(r) => assert_eq!(r.cell().family, Family::Sm80),
-        Err(e) => assert!(matches!(e, Error::CellNotCompiled { .. }), "{e}"),
+    // The backward: the sm90 family at its head dims on sm_90a where these knobs compiled it, else
+    // the sm80 family (routed, and saying so, on sm_90a).
+    for (arch, d) in [
+        (SmArch::Sm90a, 128),
+        (SmArch::Sm90a, 64),
+        (SmArch::Sm90a, 256),
+        (SmArch::Sm80, 128),
+    ] {
+        let k = key(arch, DType::Bf16, d);
+        let sm90_cell = Cell {
+            family: Family::Sm90,
+            direction: Direction::Bwd,
+            dtype: DType::Bf16,
+            head_dim: d,
+        };
+        let sm90 = arch == SmArch::Sm90a && DISPATCH_TABLE.get(&sm90_cell).is_some();
+        assert_eq!(
+            sm90,
+            arch == SmArch::Sm90a && d != 256 && DISPATCH_TABLE.get(&sm90_cell).is_some()
+        );
+        match DISPATCH_TABLE.lookup_bwd(&k) {
+            Ok(r) => {
+                assert_eq!(
+                    r.cell().family,
+                    if sm90 { Family::Sm90 } else { Family::Sm80 },
+                    "{arch:?} d {d}"
+                );
+                assert_eq!(
+                    r.routed_from.is_some(),
+                    arch == SmArch::Sm90a && !sm90,
+                    "{arch:?} d {d}"
+                );
+            }
+            Err(e) => assert!(matches!(e, Error::CellNotCompiled { .. }), "{e}"),
+        }
     }
 }
 

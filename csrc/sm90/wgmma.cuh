@@ -6,6 +6,10 @@
 //   WgmmaRSTransB<T, N>::mma(d, a, desc_b, accumulate)
 //       the same with A from registers (4 x b32 per thread) and B MN-major (imm-trans-b = 1)
 //       (P·V: A = P [64 x 16] in registers, B = V [16 x N] stored [key][head dim] in smem).
+//   WgmmaSSTransAB<T, N>::mma(d, desc_a, desc_b, accumulate)
+//       A and B from shared memory, both MN-major (imm-trans-a = imm-trans-b = 1)
+//       (the backward's dQ = dS K: A = dS [64 x 16] stored [key][query], B = K [16 x N] stored
+//       [key][head dim]).
 //
 // d is the warpgroup's fp32 accumulator fragment: float[N / 2] per thread. `accumulate` = 0
 // overwrites d (D = A·B), 1 accumulates (D += A·B). Shapes exist for N = 16, 32, ..., 256; an
@@ -33,6 +37,8 @@ template <typename T, int N>
 struct WgmmaSS;  // defined below for N = 16, 32, ..., 256 and T = __half, __nv_bfloat16
 template <typename T, int N>
 struct WgmmaRSTransB;  // likewise
+template <typename T, int N>
+struct WgmmaSSTransAB;  // likewise
 
 // clang-format off
 #define FA_WGMMA_ACC_STR_1 "%0, %1, %2, %3, %4, %5, %6, %7"
@@ -81,6 +87,19 @@ struct WgmmaRSTransB;  // likewise
         }                                                                                              \
     };
 
+#define FA_WGMMA_SST_ONE(T, TSTR, N, K8, IA, IB, IS)                                                   \
+    template <>                                                                                        \
+    struct WgmmaSSTransAB<T, N> {                                                                      \
+        __device__ __forceinline__ static void mma(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,  \
+                                                   uint32_t accumulate) {                              \
+            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #IS ", 0;\n"                             \
+                         "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TSTR "." TSTR " {"           \
+                         FA_WGMMA_ACC_STR_##K8 "}, %" #IA ", %" #IB ", p, 1, 1, 1, 1;\n}\n"            \
+                         : FA_WGMMA_ACC_OPS_##K8(d)                                                    \
+                         : "l"(desc_a), "l"(desc_b), "r"(accumulate));                                 \
+        }                                                                                              \
+    };
+
 #define FA_WGMMA_RS_ONE(T, TSTR, N, K8, A0, A1, A2, A3, IB, IS)                                        \
     template <>                                                                                        \
     struct WgmmaRSTransB<T, N> {                                                                       \
@@ -98,6 +117,10 @@ struct WgmmaRSTransB;  // likewise
 #define FA_WGMMA_SS_DEFINE(N, K8, IA, IB, IS)                    \
     FA_WGMMA_SS_ONE(__nv_bfloat16, "bf16", N, K8, IA, IB, IS)    \
     FA_WGMMA_SS_ONE(__half, "f16", N, K8, IA, IB, IS)
+
+#define FA_WGMMA_SST_DEFINE(N, K8, IA, IB, IS)                   \
+    FA_WGMMA_SST_ONE(__nv_bfloat16, "bf16", N, K8, IA, IB, IS)   \
+    FA_WGMMA_SST_ONE(__half, "f16", N, K8, IA, IB, IS)
 
 #define FA_WGMMA_RS_DEFINE(N, K8, A0, A1, A2, A3, IB, IS)                    \
     FA_WGMMA_RS_ONE(__nv_bfloat16, "bf16", N, K8, A0, A1, A2, A3, IB, IS)    \
@@ -120,6 +143,10 @@ FA_WGMMA_SS_DEFINE(224, 14, 112, 113, 114)
 FA_WGMMA_SS_DEFINE(240, 15, 120, 121, 122)
 FA_WGMMA_SS_DEFINE(256, 16, 128, 129, 130)
 
+// The backward's dQ GEMM (N = head dim / 2).
+FA_WGMMA_SST_DEFINE(32, 2, 16, 17, 18)
+FA_WGMMA_SST_DEFINE(64, 4, 32, 33, 34)
+
 FA_WGMMA_RS_DEFINE(16, 1, 8, 9, 10, 11, 12, 13)
 FA_WGMMA_RS_DEFINE(32, 2, 16, 17, 18, 19, 20, 21)
 FA_WGMMA_RS_DEFINE(48, 3, 24, 25, 26, 27, 28, 29)
@@ -140,6 +167,8 @@ FA_WGMMA_RS_DEFINE(256, 16, 128, 129, 130, 131, 132, 133)
 
 #undef FA_WGMMA_SS_DEFINE
 #undef FA_WGMMA_RS_DEFINE
+#undef FA_WGMMA_SST_DEFINE
+#undef FA_WGMMA_SST_ONE
 #undef FA_WGMMA_SS_ONE
 #undef FA_WGMMA_RS_ONE
 

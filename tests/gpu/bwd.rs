@@ -1,4 +1,5 @@
-//! The sm80-family backward (`flash_bwd`, `flash_bwd_varlen`) of every compiled cell:
+//! The sm80- and sm90-family backward (`flash_bwd`, `flash_bwd_varlen`) of every compiled cell
+//! (each cell's family forced; sm90 cells where the device runs them):
 //!
 //! - every semantic option (small ragged shapes, dense and varlen) and ragged shapes against the
 //!   f64 CPU backward with FlashAttention's tolerance rule;
@@ -25,10 +26,15 @@ use half::bf16;
 /// magnitude (P and dS are rounded to the 16-bit type before their GEMMs, as in FlashAttention).
 const ULPS: f64 = 4.0;
 
-fn flash(deterministic: bool) -> WhichBwd {
+/// `flash_bwd` with the cell's family forced (on an H100 the sm80 family would otherwise only run
+/// where the sm90 family has no cell).
+fn flash(family: Family, deterministic: bool) -> WhichBwd {
     WhichBwd::Flash {
         deterministic,
-        ov: KernelOverride::default(),
+        ov: KernelOverride {
+            family: Some(family),
+            ..Default::default()
+        },
     }
 }
 
@@ -42,10 +48,12 @@ fn expect_cell(info: &flashattn_aot::BwdInfo, cell: &Cell) -> Result<(), String>
 fn cell_tests<T: HostElem>(cell: Cell, has_ptx: bool, tests: &mut Vec<Test<Gpu>>) {
     let d = cell.head_dim as usize;
     let key = cell.key();
+    let fam = cell.family;
+    let sm80 = fam == Family::Sm80;
     // Every semantic option, small ragged shape (dense and varlen), against the CPU reference.
     for (name, case) in semantic_variants(&Case::new(113, 203, d)) {
         tests.push(Test::new(format!("bwd::{key}::{name}"), move |g| {
-            let info = check_bwd_vs_cpu_info::<T>(g, &case, flash(false))?;
+            let info = check_bwd_vs_cpu_info::<T>(g, &case, flash(fam, false))?;
             expect_cell(&info, &cell)
         }));
     }
@@ -62,7 +70,9 @@ fn cell_tests<T: HostElem>(cell: Cell, has_ptx: bool, tests: &mut Vec<Test<Gpu>>
                 case.mask = Mask::Causal(CausalAlign::BottomRight);
             }
             let name = format!("bwd::{key}::shape_{sq}x{sk}{}", if causal { "_causal" } else { "" });
-            tests.push(Test::new(name, move |g| check_bwd_vs_cpu::<T>(g, &case, flash(false))));
+            tests.push(Test::new(name, move |g| {
+                check_bwd_vs_cpu::<T>(g, &case, flash(fam, false))
+            }));
         }
     }
     // Every tile variant, and the smallest-smem tile (what sm_86 / sm_89 run) through the limit.
@@ -75,6 +85,7 @@ fn cell_tests<T: HostElem>(cell: Cell, has_ptx: bool, tests: &mut Vec<Test<Gpu>>
             case.sink_logits = true;
             let ov = KernelOverride {
                 variant: Some(i),
+                family: Some(fam),
                 ..Default::default()
             };
             let info = check_bwd_vs_cpu_info::<T>(
@@ -91,32 +102,36 @@ fn cell_tests<T: HostElem>(cell: Cell, has_ptx: bool, tests: &mut Vec<Test<Gpu>>
             Ok(())
         }));
     }
-    tests.push(Test::new(format!("bwd::{key}::tile_99kb"), move |g| {
-        let mut case = Case::new(113, 203, d);
-        case.mask = Mask::Causal(CausalAlign::BottomRight);
-        let ov = KernelOverride {
-            smem_limit: Some(99 * 1024),
-            ..Default::default()
-        };
-        let info = check_bwd_vs_cpu_info::<T>(
-            g,
-            &case,
-            WhichBwd::Flash {
-                deterministic: false,
-                ov,
-            },
-        )?;
-        let image = flashattn_aot::DISPATCH_TABLE.get(&cell).unwrap().1;
-        let entry = image
-            .kernels
-            .iter()
-            .find(|k| format!("{}_main", k.symbol) == info.symbol)
-            .ok_or_else(|| format!("{} is not a kernel of {}", info.symbol, cell.key()))?;
-        if entry.smem_bytes > 99 * 1024 {
-            return Err(format!("{} uses {} bytes", info.symbol, entry.smem_bytes));
-        }
-        Ok(())
-    }));
+    // The sm80 family's 99 KB tile (the sm90 family runs on H100 / H200 only).
+    if sm80 {
+        tests.push(Test::new(format!("bwd::{key}::tile_99kb"), move |g| {
+            let mut case = Case::new(113, 203, d);
+            case.mask = Mask::Causal(CausalAlign::BottomRight);
+            let ov = KernelOverride {
+                smem_limit: Some(99 * 1024),
+                family: Some(Family::Sm80),
+                ..Default::default()
+            };
+            let info = check_bwd_vs_cpu_info::<T>(
+                g,
+                &case,
+                WhichBwd::Flash {
+                    deterministic: false,
+                    ov,
+                },
+            )?;
+            let image = flashattn_aot::DISPATCH_TABLE.get(&cell).unwrap().1;
+            let entry = image
+                .kernels
+                .iter()
+                .find(|k| format!("{}_main", k.symbol) == info.symbol)
+                .ok_or_else(|| format!("{} is not a kernel of {}", info.symbol, cell.key()))?;
+            if entry.smem_bytes > 99 * 1024 {
+                return Err(format!("{} uses {} bytes", info.symbol, entry.smem_bytes));
+            }
+            Ok(())
+        }));
+    }
     // The compute_80 PTX image through the driver JIT (what sm_100 / sm_120 run).
     if has_ptx {
         tests.push(Test::new(format!("bwd::{key}::ptx_jit"), move |g| {
@@ -128,6 +143,7 @@ fn cell_tests<T: HostElem>(cell: Cell, has_ptx: bool, tests: &mut Vec<Test<Gpu>>
             };
             let ov = KernelOverride {
                 force_ptx: true,
+                family: Some(fam),
                 ..Default::default()
             };
             check_bwd_vs_cpu::<T>(
@@ -162,7 +178,7 @@ fn cell_tests<T: HostElem>(cell: Cell, has_ptx: bool, tests: &mut Vec<Test<Gpu>>
             continue;
         }
         tests.push(Test::new(format!("bwd::{key}::large_{name}"), move |g| {
-            check_bwd_vs_gpu_reference::<T>(g, &case, flash(false), ULPS).map(|_| ())
+            check_bwd_vs_gpu_reference::<T>(g, &case, flash(fam, false), ULPS).map(|_| ())
         }));
     }
     for (h, hk, causal) in [(8, 8, false), (8, 2, true), (8, 1, false)] {
@@ -174,7 +190,7 @@ fn cell_tests<T: HostElem>(cell: Cell, has_ptx: bool, tests: &mut Vec<Test<Gpu>>
             case.mask = Mask::Causal(CausalAlign::BottomRight);
         }
         tests.push(Test::new(format!("bwd::{key}::gqa_{h}_{hk}"), move |g| {
-            check_bwd_vs_gpu_reference::<T>(g, &case, flash(false), ULPS).map(|_| ())
+            check_bwd_vs_gpu_reference::<T>(g, &case, flash(fam, false), ULPS).map(|_| ())
         }));
     }
     let mut big_varlen = large.clone();
@@ -184,7 +200,7 @@ fn cell_tests<T: HostElem>(cell: Cell, has_ptx: bool, tests: &mut Vec<Test<Gpu>>
     big_varlen.sink_logits = true;
     tests.push(Test::new(
         format!("bwd::{key}::large_varlen_seqused_causal"),
-        move |g| check_bwd_vs_gpu_reference::<T>(g, &big_varlen, flash(false), ULPS).map(|_| ()),
+        move |g| check_bwd_vs_gpu_reference::<T>(g, &big_varlen, flash(fam, false), ULPS).map(|_| ()),
     ));
     // Deterministic mode: bitwise-identical reruns (GQA, causal, sink logits: dq, dk, dv, dsink),
     // dense and varlen.
@@ -204,9 +220,31 @@ fn cell_tests<T: HostElem>(cell: Cell, has_ptx: bool, tests: &mut Vec<Test<Gpu>>
     det_window.sink_logits = false;
     let mut det_varlen = det.clone();
     det_varlen.varlen = Some((vec![1500, 300, 1], vec![1700, 299, 64]));
+    if !sm80 {
+        // The sm90 backward has no deterministic mode: such calls run the sm80 family's, and say so.
+        let mut small = Case::new(113, 203, d);
+        small.mask = Mask::Causal(CausalAlign::BottomRight);
+        small.sink_logits = true;
+        tests.push(Test::new(format!("bwd::{key}::deterministic_runs_sm80"), move |g| {
+            let info = check_bwd_vs_cpu_info::<T>(
+                g,
+                &small,
+                WhichBwd::Flash {
+                    deterministic: true,
+                    ov: KernelOverride::default(),
+                },
+            )?;
+            let want = Cell {
+                family: Family::Sm80,
+                ..cell
+            };
+            expect_cell(&info, &want)
+        }));
+        return;
+    }
     for (name, case) in [("dense", det), ("window_sinks", det_window), ("varlen", det_varlen)] {
         tests.push(Test::new(format!("bwd::{key}::deterministic_{name}"), move |g| {
-            check_bwd_bitwise_reruns::<T>(g, &case, flash(true), 10, ULPS)
+            check_bwd_bitwise_reruns::<T>(g, &case, flash(fam, true), 10, ULPS)
         }));
     }
 }
@@ -334,7 +372,7 @@ fn error_tests(tests: &mut Vec<Test<Gpu>>) {
 pub fn tests(tests: &mut Vec<Test<Gpu>>) {
     for img in compiled_cells() {
         let cell = img.cell;
-        if cell.family != Family::Sm80 || cell.direction != Direction::Bwd {
+        if cell.family == Family::Reference || cell.direction != Direction::Bwd {
             continue;
         }
         match cell.dtype {
