@@ -919,18 +919,32 @@ pub const fn sm90_fwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 pub const SM90_BWD_HEAD_DIMS: [u32; 2] = [64, 128];
 
 /// sm90-family backward tiles: one, 64 query rows per step x 128 keys per thread block, two
-/// warpgroups of 64 keys each (8 warps), 2 Q / dO stages (csrc/sm90/bwd.cuh).
+/// warpgroups of 64 keys each (8 warps, 1 CTA per SM: 254 registers at d = 128), 3 Q / dO stages
+/// (csrc/sm90/bwd.cuh).
+///
+/// Measured (H200, bf16, `compare.py --lib A --lib-b B --bwd --head-dims 64,128 --seqlens
+/// 1024,4096,16384`, both orders, geometric mean of the two; perf log run 13):
+/// - First version (two CTA-wide syncs per step, one dS^T buffer, loads at the top of the step,
+///   2 stages): 1.47x FA2, 0.93x cuDNN over those 18 cells.
+/// - One sync per step (the one before dQ), two dS^T buffers, the next loads issued right after
+///   that sync: +7.8% (on a version that was itself 2.6% behind the first); with it, the first
+///   version's code: another +1.0% (d = 128 +2-3% from 4k keys). That is the kernel.
+/// - 3 stages instead of 2 (loads at the top of the step): 1.00.
+/// - Not kept: walk cursors instead of the per-step divisions, with dV issued as soon as P^T is
+///   packed (d = 64): -2.6% (d = 128 -4%, ptxas at 255 registers; d = 64 +1%). Issuing the next
+///   step's S^T / dP^T before this step's dQ completes: d = 128 spills 176-268 bytes and ptxas
+///   serialised every wgmma of the d = 64 kernel (C7514 / C7515) in each order tried.
 pub const fn sm90_bwd_tiles(head_dim: u32) -> &'static [Tile] {
     match head_dim {
-        64 | 128 => &[tile!(64, 128, 8, 2)],
+        64 | 128 => &[tile!(64, 128, 8, 3)],
         _ => &[],
     }
 }
 
 /// Shared memory of an sm90-family backward tile (`BwdLayout` in csrc/sm90/bwd.cuh, which
 /// static_asserts the same number): K and V (`block_n` rows), `stages` x (Q and dO, `block_m`
-/// rows), the dS^T tile (`block_n` x `block_m`), `stages` x 2 x `block_m` fp32 statistics, 3
-/// mbarriers, 1024 bytes of alignment slack; tiles rounded to 1024 bytes.
+/// rows), two dS^T tiles (`block_n` x `block_m`), `stages` x 2 x `block_m` fp32 statistics,
+/// `1 + stages` mbarriers, 1024 bytes of alignment slack; tiles rounded to 1024 bytes.
 pub const fn sm90_bwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u32 {
     const fn round_up_1k(x: u32) -> u32 {
         x.div_ceil(1024) * 1024
@@ -939,9 +953,9 @@ pub const fn sm90_bwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
     let row_bytes = head_dim * elem;
     let kv = 2 * round_up_1k(tile.block_n * row_bytes);
     let q_do = 2 * tile.stages * round_up_1k(tile.block_m * row_bytes);
-    let ds = round_up_1k(tile.block_n * tile.block_m * elem);
+    let ds = 2 * round_up_1k(tile.block_n * tile.block_m * elem);
     let stats = tile.stages * 2 * tile.block_m * 4;
-    kv + q_do + ds + stats + 3 * 8 + 1024
+    kv + q_do + ds + stats + (1 + tile.stages) * 8 + 1024
 }
 
 /// Every cell the crate knows how to build, before the build knobs filter it. Families whose

@@ -5,8 +5,9 @@
 //
 // ================================ launch contract ================================================
 // Instantiation (one line per tile of `sm90_bwd_tiles(d)`, src/cells.rs; the only tile is
-// BM = 64 query rows per step, BN = 128 key rows per thread block, W = 8 warps, S = 2 stages):
-//     FA_SM90_BWD_KERNEL(fa_sm90_bwd_{dtype}_hd{D}_m64n128w8s2, T, D, 64, 128, 8, 2, SMEM)
+// BM = 64 query rows per step, BN = 128 key rows per thread block, W = 8 warps, S = 3 Q / dO
+// stages):
+//     FA_SM90_BWD_KERNEL(fa_sm90_bwd_{dtype}_hd{D}_m64n128w8s3, T, D, 64, 128, 8, 3, SMEM)
 // which defines three kernels, launched in this order on one stream by src/bwd.rs:
 //   NAME_dot      the sm80 family's preprocess (csrc/sm80/bwd.cuh, BM = 64): D = rowsum(dO * O),
 //                 the log2 LSE, dq_accum zeroed. grid (ceil(seqlen_q / 64), heads, batch), 256 threads.
@@ -31,9 +32,12 @@
 //   keys (A = dS MN-major, B = K MN-major); warpgroup w computes head-dim columns
 //   [w D / 2, (w + 1) D / 2) and adds them into dq_accum with 16-byte fp32 reductions, in the
 //   accumulator's fragment order (512 contiguous bytes per warp instruction).
-// - Thread 0 issues step t + 1's loads (Q, dO by TMA, lse2 and D by bulk copies, one mbarrier per
-//   stage) at the start of step t; two named-barrier syncs per step order the dS^T tile and the
-//   stage buffers between the warpgroups.
+// - One CTA-wide sync per step, the named barrier before dQ (both warpgroups' dS^T are in smem).
+//   Right after it thread 0 issues the loads of step t + S - 1 (Q, dO by TMA, lse2 and D by bulk
+//   copies, one mbarrier per stage) into the stage of step t - 1, which every thread has finished;
+//   dS^T alternates between two buffers, so step t + 1 writes one that only step t - 1's dQ read.
+//   Between those syncs the two warpgroups run freely (tuning notes: src/cells.rs,
+//   `sm90_bwd_tiles`).
 // - dq_accum block order (64 rows x D of one query block): value (row, col) of warpgroup w's
 //   accumulator group c (columns w D / 2 + 8 c .. + 7), warp v, lane l sits in the float4 at
 //   index ((w D / 16 + c) 4 + v) 32 + l, as (row r, col k), (r, k + 1), (r + 8, k), (r + 8, k + 1)
@@ -63,13 +67,14 @@ constexpr int kBwdThreads = 256;
 
 // Shared memory of the main kernel, in bytes from a 1024-aligned base:
 //   K, V      one tile each of BN rows
-//   Q, dO     two stages each of BM rows
-//   dS^T      [BN keys][BM queries], 128 B swizzle (SmemTile<T, 64, 128>)
-//   stats     two stages of [lse2 x BM | D x BM] fp32
-//   mbarriers kv_full, full[2]
+//   Q, dO     S stages each of BM rows
+//   dS^T      two buffers (steps alternate) of [BN keys][BM queries], 128 B swizzle
+//             (SmemTile<T, 64, 128>)
+//   stats     S stages of [lse2 x BM | D x BM] fp32
+//   mbarriers kv_full, full[S]
 // plus 1024 bytes of slack for aligning the base. src/cells.rs (`sm90_bwd_smem_bytes`) computes
 // the same total; the kernel static_asserts equality.
-template <typename T, int D>
+template <typename T, int D, int S>
 struct BwdLayout {
     using KVTile = SmemTile<T, D, kBwdBN>;
     using QSlab = SmemTile<T, D, kBwdBM>;
@@ -77,12 +82,12 @@ struct BwdLayout {
     static constexpr uint32_t kKOffset = 0;
     static constexpr uint32_t kVOffset = kKOffset + KVTile::kStride;
     static constexpr uint32_t kQOffset = kVOffset + KVTile::kStride;
-    static constexpr uint32_t kDoOffset = kQOffset + 2 * QSlab::kStride;
-    static constexpr uint32_t kDsOffset = kDoOffset + 2 * QSlab::kStride;
-    static constexpr uint32_t kStatOffset = kDsOffset + DsTile::kStride;
+    static constexpr uint32_t kDoOffset = kQOffset + S * QSlab::kStride;
+    static constexpr uint32_t kDsOffset = kDoOffset + S * QSlab::kStride;
+    static constexpr uint32_t kStatOffset = kDsOffset + 2 * DsTile::kStride;  // two dS^T buffers
     static constexpr uint32_t kStatStageBytes = 2 * kBwdBM * 4;
-    static constexpr uint32_t kBarrierOffset = kStatOffset + 2 * kStatStageBytes;
-    static constexpr uint32_t kUsedBytes = kBarrierOffset + 3 * 8;
+    static constexpr uint32_t kBarrierOffset = kStatOffset + S * kStatStageBytes;
+    static constexpr uint32_t kUsedBytes = kBarrierOffset + (1 + S) * 8;
     static constexpr uint32_t kSmemBytes = kUsedBytes + 1024;
     static_assert(kSmemBytes <= 227u * 1024u, "the backward tile does not fit 227 KB of shared memory");
     static_assert(kUsedBytes + 1024u <= (1u << 18), "descriptor start addresses are 18-bit shared-window addresses");
@@ -97,10 +102,15 @@ __device__ __forceinline__ void bwd_tanh_and_derivative(float y, float& t, float
     dt = 4.f * r * (1.f - r);
 }
 
-template <typename T, int D, int SMEM>
+// The sm80 family's preprocess (dot) and dsink, which depend only on the element type, the head
+// dim and the workspace's query block (BM = 64): instantiated through the sm80 tile with that BM.
+template <typename T, int D>
+using BwdPrePost = sm80::BwdKernel<T, D, kBwdBM, kBwdBN, 8, 2>;
+
+template <typename T, int D, int S, int SMEM>
 __device__ __forceinline__ void bwd_main(const FaParams& p, const CUtensorMap* tma_q, const CUtensorMap* tma_k,
                                          const CUtensorMap* tma_v, const CUtensorMap* tma_do) {
-    using L = BwdLayout<T, D>;
+    using L = BwdLayout<T, D, S>;
     using KVTile = typename L::KVTile;
     using QSlab = typename L::QSlab;
     using DsTile = typename L::DsTile;
@@ -141,8 +151,8 @@ __device__ __forceinline__ void bwd_main(const FaParams& p, const CUtensorMap* t
 
     if (tid == 0) {
         mbarrier_init(bar_kv, 1);
-        mbarrier_init(bar_full0, 1);
-        mbarrier_init(bar_full0 + 8u, 1);
+#pragma unroll
+        for (int i = 0; i < S; ++i) mbarrier_init(bar_full0 + 8u * i, 1);
         fence_mbarrier_init();
     }
     __syncthreads();
@@ -169,7 +179,7 @@ __device__ __forceinline__ void bwd_main(const FaParams& p, const CUtensorMap* t
         mbarrier_arrive_expect_tx(bar_kv, 2 * KVTile::kBytes);
         tma_load_5d(base + L::kKOffset, tma_k, bar_kv, 0, seq.k_row0 + key0, 0, blk.hk, batch_coord);
         tma_load_5d(base + L::kVOffset, tma_v, bar_kv, 0, seq.k_row0 + key0, 0, blk.hk, batch_coord);
-        if (num_steps > 0) load_step(0, 0);
+        for (int i = 0; i < S - 1 && i < num_steps; ++i) load_step(i, i);
     }
     __syncwarp();
     mbarrier_wait(bar_kv, 0);
@@ -205,7 +215,7 @@ __device__ __forceinline__ void bwd_main(const FaParams& p, const CUtensorMap* t
     bool const mods = p.softcap > 0.f || p.alibi_slopes != nullptr;
     uint32_t const k_tile = base + L::kKOffset;
     uint32_t const v_tile = base + L::kVOffset;
-    uint32_t const ds_tile = base + L::kDsOffset;
+    uint32_t const ds_tile0 = base + L::kDsOffset;
     // This warpgroup's dQ columns of K: panel and in-line byte offset of column w D / 2.
     uint32_t const k_dq = k_tile + static_cast<uint32_t>(wg * kDqN / Geo::kPanelElems) * KVTile::kPanelBytes +
                           static_cast<uint32_t>((wg * kDqN) % Geo::kPanelElems) * Geo::kElemBytes;
@@ -213,16 +223,13 @@ __device__ __forceinline__ void bwd_main(const FaParams& p, const CUtensorMap* t
 
 #pragma unroll 1
     for (int t = 0; t < num_steps; ++t) {
-        int const stage = t & 1;
-        // Stage stage ^ 1 was last read in step t - 1, which every thread finished (the barrier
-        // at its end).
-        if (tid == 0 && t + 1 < num_steps) load_step(t + 1, stage ^ 1);
-        __syncwarp();
+        int const stage = t % S;
+        uint32_t const ds_tile = ds_tile0 + static_cast<uint32_t>(t & 1) * DsTile::kStride;  // alternating
         int const h = head0 + t / n_m;
         int const m = plan.m_begin + t % n_m;
         uint32_t const q_slab = base + L::kQOffset + static_cast<uint32_t>(stage) * QSlab::kStride;
         uint32_t const do_slab = base + L::kDoOffset + static_cast<uint32_t>(stage) * QSlab::kStride;
-        mbarrier_wait(bar_full0 + 8u * static_cast<uint32_t>(stage), static_cast<uint32_t>(t >> 1) & 1u);
+        mbarrier_wait(bar_full0 + 8u * static_cast<uint32_t>(stage), static_cast<uint32_t>(t / S) & 1u);
 
         // ---- S^T = K_w Q^T, dP^T = V_w dO^T ----
         float s[BM / 2], dp[BM / 2];
@@ -346,7 +353,12 @@ __device__ __forceinline__ void bwd_main(const FaParams& p, const CUtensorMap* t
 
         // ---- dQ = dS K over the block's 128 keys, this warpgroup's D / 2 columns ----
         fence_proxy_async_smem();  // the dS^T stores (generic proxy) before wgmma reads them
+        // Both warpgroups' dS^T are in smem; and every thread has finished step t - 1 (its GEMMs
+        // completed at its end), whose stage now takes step t + S - 1 (the step's only CTA-wide
+        // sync; the dS^T buffer of step t + 1 was last read by step t - 1's dQ).
         named_barrier_sync(1, kBwdThreads);
+        if (tid == 0 && t + S - 1 < num_steps) load_step(t + S - 1, (t + S - 1) % S);
+        __syncwarp();
         float dq[kDqN / 2];
         wgmma_fence();
 #pragma unroll
@@ -370,8 +382,6 @@ __device__ __forceinline__ void bwd_main(const FaParams& p, const CUtensorMap* t
                 ::fa::ptx::red_add_f32x4(dst + c * 512, dq[4 * c + 0], dq[4 * c + 1], dq[4 * c + 2], dq[4 * c + 3]);
             }
         }
-        // Every warpgroup is done with dS^T and this stage before they are rewritten.
-        named_barrier_sync(1, kBwdThreads);
     }
 
     // ---- dK, dV: every stored key row of the block (rows past seqlen_k are zeros) ----
@@ -408,7 +418,7 @@ __device__ __forceinline__ void bwd_convert(const FaParams& p) {
     int const m = static_cast<int>(blockIdx.x), h = static_cast<int>(blockIdx.y), b = static_cast<int>(blockIdx.z);
     int const tid = static_cast<int>(threadIdx.x);
     if (m == 0 && b == 0 && p.dsink != nullptr && p.sink_logits != nullptr) {
-        sm80::BwdKernel<T, D, kBwdBM, kBwdBN, 8, 2>::dsink(p, h, tid);
+        BwdPrePost<T, D>::dsink(p, h, tid);
     }
     sm80::BwdSeq const seq = sm80::BwdSeq::make<kBwdBM>(p, b);
     if (m * kBwdBM >= seq.seqlen_q) return;
@@ -441,16 +451,16 @@ __device__ __forceinline__ void bwd_convert(const FaParams& p) {
 // One backward tile (see the launch contract above). BM, BN, W, S must be 64, 128, 8, 2.
 #define FA_SM90_BWD_KERNEL(NAME, T, D, BM, BN, W, S, SMEM)                                                   \
     static_assert((BM) == ::fa::sm90::kBwdBM && (BN) == ::fa::sm90::kBwdBN && (W) * 32 == ::fa::sm90::kBwdThreads && \
-                      (S) == 2,                                                                              \
+                      (S) >= 2,                                                                              \
                   #NAME ": the sm90 backward has one tile, 64 x 128 x 8 warps x 2 stages");                  \
     extern "C" __global__ void __launch_bounds__(::fa::sm80::kBwdPrePostThreads) NAME##_dot(const FaParams p) { \
-        ::fa::sm80::BwdKernel<T, D, BM, BN, W, S>::dot(p);                                                     \
+        ::fa::sm90::BwdPrePost<T, D>::dot(p);                                                     \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__((W) * 32, 1)                                                \
         NAME##_main(const __grid_constant__ FaParams p, const __grid_constant__ CUtensorMap tma_q,           \
                     const __grid_constant__ CUtensorMap tma_k, const __grid_constant__ CUtensorMap tma_v,    \
                     const __grid_constant__ CUtensorMap tma_do) {                                            \
-        ::fa::sm90::bwd_main<T, D, SMEM>(p, &tma_q, &tma_k, &tma_v, &tma_do);                                  \
+        ::fa::sm90::bwd_main<T, D, S, SMEM>(p, &tma_q, &tma_k, &tma_v, &tma_do);                                  \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(::fa::sm90::kBwdThreads) NAME##_convert(const FaParams p) { \
         ::fa::sm90::bwd_convert<T, D>(p);                                                                    \
