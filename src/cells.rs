@@ -928,7 +928,8 @@ pub const SM90_BWD_HEAD_DIMS: [u32; 2] = [64, 128];
 ///   2 stages): 1.47x FA2, 0.93x cuDNN over those 18 cells.
 /// - One sync per step (the one before dQ), two dS^T buffers, the next loads issued right after
 ///   that sync: +7.8% (on a version that was itself 2.6% behind the first); with it, the first
-///   version's code: another +1.0% (d = 128 +2-3% from 4k keys). That is the kernel.
+///   version's code: another +1.0% (d = 128 +2-3% from 4k keys). That is the kernel: about +6%
+///   over the first version in all.
 /// - 3 stages instead of 2 (loads at the top of the step): 1.00.
 /// - Not kept: walk cursors instead of the per-step divisions, with dV issued as soon as P^T is
 ///   packed (d = 64): -2.6% (d = 128 -4%, ptxas at 255 registers; d = 64 +1%). Issuing the next

@@ -57,6 +57,16 @@ fn cell_tests<T: HostElem>(cell: Cell, has_ptx: bool, tests: &mut Vec<Test<Gpu>>
             expect_cell(&info, &cell)
         }));
     }
+    // Stored but unused key rows (past seqused_k) holding NaN: no gradient may see them, and
+    // their dK / dV rows are exact zeros (the sm90 kernel zeroes them in shared memory).
+    let mut nan_tail = Case::new(113, 203, d);
+    nan_tail.varlen = Some((vec![113, 70, 5], vec![213, 140, 8]));
+    nan_tail.seqused_k = Some(vec![203, 77, 0]);
+    nan_tail.mask = Mask::Causal(CausalAlign::BottomRight);
+    nan_tail.nan_unused_kv = true;
+    tests.push(Test::new(format!("bwd::{key}::varlen_seqused_nan_tail"), move |g| {
+        check_bwd_vs_cpu::<T>(g, &nan_tail, flash(fam, false))
+    }));
     // Ragged shapes.
     for (sq, sk) in [(1, 1), (113, 203), (239, 1), (1, 239), (1023, 1024)] {
         for causal in [false, true] {

@@ -231,6 +231,15 @@ fn fwd_cell_tests<T: HostElem>(cell: Cell, has_ptx: bool, tests: &mut Vec<Test<G
             expect_cell(&info, &cell)
         }));
     }
+    // Stored but unused key rows (past seqused_k) holding NaN: no output may see them.
+    let mut nan_tail = Case::new(113, 203, d);
+    nan_tail.varlen = Some((vec![113, 70, 5], vec![213, 140, 8]));
+    nan_tail.seqused_k = Some(vec![203, 77, 0]);
+    nan_tail.mask = Mask::Causal(CausalAlign::BottomRight);
+    nan_tail.nan_unused_kv = true;
+    tests.push(Test::new(format!("fwd::{key}::varlen_seqused_nan_tail"), move |g| {
+        check_vs_cpu::<T>(g, &nan_tail, forced(fam)).map(|_| ())
+    }));
     // Ragged shapes.
     for (sq, sk) in [(1, 1), (239, 1), (1, 239), (1023, 1024), (128, 128)] {
         for causal in [false, true] {

@@ -109,6 +109,9 @@ pub struct Case {
     pub seed: u64,
     /// `FwdOptions::num_splits` (1 = unsplit, the default here; 0 = the library's heuristic).
     pub num_splits: u32,
+    /// Varlen with `seqused_k`: the stored but unused key rows of K and V hold NaN (a kernel
+    /// must not let them reach a result).
+    pub nan_unused_kv: bool,
 }
 
 impl Case {
@@ -132,6 +135,7 @@ impl Case {
             with_lse: true,
             seed: 1,
             num_splits: 1,
+            nan_unused_kv: false,
         }
     }
 
@@ -292,8 +296,24 @@ pub fn prepare<T: HostElem>(gpu: &Gpu, case: &Case) -> Result<Inputs<T>, String>
     let total_k: usize = sk.iter().sum();
     let mut rng = cpu::Rng::new(case.seed);
     let q = cpu::randn_plus_half(&mut rng, total_q * case.heads * case.head_dim, T::PREC);
-    let k = cpu::randn_plus_half(&mut rng, total_k * case.heads_k * case.head_dim, T::PREC);
-    let v = cpu::randn_plus_half(&mut rng, total_k * case.heads_k * case.head_dim, T::PREC);
+    let mut k = cpu::randn_plus_half(&mut rng, total_k * case.heads_k * case.head_dim, T::PREC);
+    let mut v = cpu::randn_plus_half(&mut rng, total_k * case.heads_k * case.head_dim, T::PREC);
+    if case.nan_unused_kv {
+        let (Some((_, cap)), Some(used)) = (&case.varlen, &case.seqused_k) else {
+            return Err("nan_unused_kv needs varlen with seqused_k".into());
+        };
+        let row = case.heads_k * case.head_dim;
+        let mut start = 0;
+        for (&c, &u) in cap.iter().zip(used) {
+            for x in &mut k[(start + u.min(c)) * row..(start + c) * row] {
+                *x = f32::NAN;
+            }
+            for x in &mut v[(start + u.min(c)) * row..(start + c) * row] {
+                *x = f32::NAN;
+            }
+            start += c;
+        }
+    }
     let (q_rows, k_rows, rows_per_batch_q, rows_per_batch_k) = match case.varlen {
         Some(_) => (total_q, total_k, total_q.max(1), total_k.max(1)),
         None => (sq[0], sk[0], sq[0].max(1), sk[0].max(1)),
