@@ -313,11 +313,6 @@ pub(crate) fn run_bwd<T: AttnElement>(
     let (dsink_ptr, _g10) = match dsink {
         Some(d) => {
             let (p, g) = d.device_ptr_mut(stream);
-            // The kernels accumulate into dsink (or write it only where rows exist): zero it
-            // first, in stream order.
-            // SAFETY: `p` addresses at least `heads` f32s (checked above).
-            unsafe { cudarc::driver::result::memset_d8_async(p, 0, dims.heads * 4, stream.cu_stream()) }
-                .map_err(Error::driver("zeroing dsink"))?;
             (p, Some(g))
         }
         None => (0, None),
@@ -446,6 +441,13 @@ pub(crate) fn run_bwd<T: AttnElement>(
     } else {
         None
     };
+    if dsink_ptr != 0 {
+        // The kernels accumulate into dsink (or write it only where rows exist): zero it first,
+        // in stream order (after every check, so that a failed call writes nothing).
+        // SAFETY: `dsink_ptr` addresses at least `heads` f32s (checked above).
+        unsafe { cudarc::driver::result::memset_d8_async(dsink_ptr, 0, dims.heads * 4, stream.cu_stream()) }
+            .map_err(Error::driver("zeroing dsink"))?;
+    }
     let mut args = [&mut params as *mut FaParams as *mut c_void];
     // SAFETY: the dot and convert kernels of every family, and the reference and sm80 main
     // kernels, take one `FaParams` by value; the sm90 main kernel takes `FaParams` and four

@@ -346,17 +346,15 @@ pub(crate) fn encode_bwd_tensor_maps(
     tile: &Tile,
     total_k: usize,
 ) -> Result<[sys::CUtensorMap; 4], Error> {
-    let g = bwd_geometries(p, dtype, head_dim, tile, Some(total_k as u64))?;
-    Ok([
-        encode(&g[0], dtype)?,
-        encode(&g[1], dtype)?,
-        encode(&g[2], dtype)?,
-        encode(&g[3], dtype)?,
-    ])
+    encode_all(&bwd_geometries(p, dtype, head_dim, tile, Some(total_k as u64))?, dtype)
 }
 
-fn encode_all(g: &[TmaGeometry; 3], dtype: DType) -> Result<[sys::CUtensorMap; 3], Error> {
-    Ok([encode(&g[0], dtype)?, encode(&g[1], dtype)?, encode(&g[2], dtype)?])
+fn encode_all<const N: usize>(g: &[TmaGeometry; N], dtype: DType) -> Result<[sys::CUtensorMap; N], Error> {
+    let mut maps = [sys::CUtensorMap { opaque: [0; 16] }; N];
+    for (map, geometry) in maps.iter_mut().zip(g) {
+        *map = encode(geometry, dtype)?;
+    }
+    Ok(maps)
 }
 
 #[cfg(test)]
