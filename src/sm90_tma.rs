@@ -417,6 +417,46 @@ mod tests {
     }
 
     #[test]
+    fn bwd_dout_map_has_its_own_strides() {
+        // dout (b, s, h, d) with padded rows, q contiguous: dout's map takes dout's strides and
+        // address, q's extents and box; q, k, v are the forward's maps.
+        let mut p = dense(2, 1000, 777, 16, 4, 128);
+        p.dout = 0x5000_0000 as *const _;
+        p.do_row_stride = 16 * 128 + 64;
+        p.do_head_stride = 128;
+        p.do_batch_stride = 1000 * (16 * 128 + 64);
+        let tile = Tile {
+            block_m: 64,
+            block_n: 128,
+            warps: 8,
+            stages: 3,
+            lead: false,
+        };
+        let [q, k, v, dout] = bwd_geometries(&p, DType::Bf16, 128, &tile, None).unwrap();
+        assert_eq!([q, k, v], fwd_geometries(&p, DType::Bf16, 128, &tile, None).unwrap());
+        assert_eq!(k.box_dims, [64, 128, 2, 1, 1]);
+        assert_eq!(dout.address, 0x5000_0000);
+        assert_eq!(dout.dims, q.dims);
+        assert_eq!(dout.box_dims, q.box_dims);
+        assert_eq!(
+            dout.strides,
+            [(16 * 128 + 64) * 2, 128, 128 * 2, 1000 * (16 * 128 + 64) * 2]
+        );
+        // Varlen: the batch dimension has extent 1 and a placeholder stride.
+        p.flags = FLAG_VARLEN;
+        p.total_q = 1500;
+        let [_, _, _, dout] = bwd_geometries(&p, DType::Bf16, 128, &tile, Some(2000)).unwrap();
+        assert_eq!(dout.dims, [64, 1500, 2, 16, 1]);
+        assert_eq!(dout.strides[3], 16);
+        // A dout stride TMA cannot express is an error naming dout.
+        p.do_row_stride = 16 * 128 + 4;
+        match bwd_geometries(&p, DType::Bf16, 128, &tile, Some(2000)) {
+            Err(Error::InvalidArgument(m)) => assert!(m.starts_with("dout"), "{m}"),
+            other => panic!("expected an InvalidArgument for dout, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn dense_bhsd_strides() {
         // (b, h, s, d) storage expressed through strides.
         let mut p = dense(3, 256, 256, 8, 8, 64);
