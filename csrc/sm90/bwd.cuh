@@ -95,13 +95,6 @@ struct BwdLayout {
     static constexpr uint32_t kStepBytes = 2 * QSlab::kBytes + kStatStageBytes;
 };
 
-// t = tanh(y) and 1 - t^2 without cancellation (as csrc/sm80/bwd_mainloop.cuh).
-__device__ __forceinline__ void bwd_tanh_and_derivative(float y, float& t, float& dt) {
-    float const r = rcp_approx(1.f + ex2(fabsf(y) * (2.f * kLog2e)));
-    t = copysignf(1.f - 2.f * r, y);
-    dt = 4.f * r * (1.f - r);
-}
-
 // The sm80 family's preprocess (dot) and dsink, which depend only on the element type, the head
 // dim and the workspace's query block (BM = 64): instantiated through the sm80 tile with that BM.
 template <typename T, int D>
@@ -305,7 +298,7 @@ __device__ __forceinline__ void bwd_main(const FaParams& p, const CUtensorMap* t
                 float g = 1.f;
                 if (softcap) {
                     float th;
-                    bwd_tanh_and_derivative(s[e] * prescale, th, g);
+                    sm80::tanh_and_derivative(s[e] * prescale, th, g);  // the sm80 family's, shared
                     sc = cap * th;
                 }
                 int const dist = i + mask.diag - j;
