@@ -916,7 +916,7 @@ pub const fn sm90_fwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 /// warpgroups at `head_dim / 2`, which must start on a 16-byte chunk of the K tile's swizzled
 /// lines and be a wgmma N with a wrapper (32, 64); a warpgroup holds dK + dV (`head_dim`
 /// registers per thread) besides S^T / dP^T (64), so d = 192 / 256 need another split.
-pub const SM90_BWD_HEAD_DIMS: [u32; 2] = [64, 128];
+pub const SM90_BWD_HEAD_DIMS: [u32; 3] = [64, 128, 256];
 
 /// sm90-family backward tiles: one, 64 query rows per step x 128 keys per thread block, two
 /// warpgroups of 64 keys each (8 warps, 1 CTA per SM: 254 registers at d = 128), 3 Q / dO stages
@@ -941,6 +941,7 @@ pub const SM90_BWD_HEAD_DIMS: [u32; 2] = [64, 128];
 pub const fn sm90_bwd_tiles(head_dim: u32) -> &'static [Tile] {
     match head_dim {
         64 | 128 => &[tile!(64, 128, 8, 3)],
+        256 => &[tile!(64, 64, 8, 2)],
         _ => &[],
     }
 }
@@ -957,7 +958,9 @@ pub const fn sm90_bwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
     let row_bytes = head_dim * elem;
     let kv = 2 * round_up_1k(tile.block_n * row_bytes);
     let q_do = 2 * tile.stages * round_up_1k(tile.block_m * row_bytes);
-    let ds = 2 * round_up_1k(tile.block_n * tile.block_m * elem);
+    // dS^T x 2; the wide tile (64 keys, csrc/sm90/bwd_wide.cuh) also P^T x 2.
+    let ds_tiles = if tile.block_n == 64 { 4 } else { 2 };
+    let ds = ds_tiles * round_up_1k(tile.block_n * tile.block_m * elem);
     let stats = tile.stages * 2 * tile.block_m * 4;
     kv + q_do + ds + stats + (1 + tile.stages) * 8 + 1024
 }

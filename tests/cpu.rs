@@ -255,18 +255,19 @@ fn lookup_misses_are_typed() {
         lookup(&key(SmArch::Sm90a, DType::F8E4m3, 128)),
         Err(Error::NoKernel { .. })
     ));
-    // The backward: the sm90 family at its head dims (64, 128) on sm_90a where these knobs
-    // compiled it, else the sm80 family (routed, and saying so, on sm_90a). d = 256 has no sm90
+    // The backward: the sm90 family at its head dims (64, 128, 256) on sm_90a where these knobs
+    // compiled it, else the sm80 family (routed, and saying so, on sm_90a). d = 192 has no sm90
     // backward cell at all.
     assert!(
         !whitelist()
             .iter()
-            .any(|c| c.family == Family::Sm90 && c.direction == Direction::Bwd && c.head_dim == 256)
+            .any(|c| c.family == Family::Sm90 && c.direction == Direction::Bwd && c.head_dim == 192)
     );
     for (arch, d) in [
         (SmArch::Sm90a, 128),
         (SmArch::Sm90a, 64),
         (SmArch::Sm90a, 256),
+        (SmArch::Sm90a, 192),
         (SmArch::Sm80, 128),
     ] {
         let k = key(arch, DType::Bf16, d);

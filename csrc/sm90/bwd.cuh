@@ -97,8 +97,10 @@ struct BwdLayout {
 
 // The sm80 family's preprocess (dot) and dsink, which depend only on the element type, the head
 // dim and the workspace's query block (BM = 64): instantiated through the sm80 tile with that BM.
+// (The wide head dims instantiate it through the sm80 family's 64 x 64 one-stage tile, which
+// compiles there; the dot and dsink code is the same for every BN.)
 template <typename T, int D>
-using BwdPrePost = sm80::BwdKernel<T, D, kBwdBM, kBwdBN, 8, 2>;
+using BwdPrePost = sm80::BwdKernel<T, D, kBwdBM, (D > 128 ? 64 : kBwdBN), 8, (D > 128 ? 1 : 2)>;
 
 template <typename T, int D, int S, int SMEM>
 __device__ __forceinline__ void bwd_main(const FaParams& p, const CUtensorMap* tma_q, const CUtensorMap* tma_k,
@@ -441,19 +443,21 @@ __device__ __forceinline__ void bwd_convert(const FaParams& p) {
 
 }  // namespace fa::sm90
 
+#include "sm90/bwd_wide.cuh"
+
 // One backward tile (see the launch contract above). BM, BN, W, S must be 64, 128, 8, 2.
 #define FA_SM90_BWD_KERNEL(NAME, T, D, BM, BN, W, S, SMEM)                                                   \
-    static_assert((BM) == ::fa::sm90::kBwdBM && (BN) == ::fa::sm90::kBwdBN && (W) * 32 == ::fa::sm90::kBwdThreads && \
-                      (S) >= 2,                                                                              \
-                  #NAME ": the sm90 backward has one tile, 64 x 128 x 8 warps x 2 stages");                  \
+    static_assert((BM) == ::fa::sm90::kBwdBM && (W) * 32 == ::fa::sm90::kBwdThreads && (S) >= 2 &&           \
+                      (((BN) == ::fa::sm90::kBwdBN && (D) <= 128) || ((BN) == ::fa::sm90::kBwdWideBN && (D) > 128)), \
+                  #NAME ": the sm90 backward's tiles are 64 x 128 (d <= 128) and 64 x 64 (wider), 8 warps, 2+ stages"); \
     extern "C" __global__ void __launch_bounds__(::fa::sm80::kBwdPrePostThreads) NAME##_dot(const FaParams p) { \
-        ::fa::sm90::BwdPrePost<T, D>::dot(p);                                                     \
+        ::fa::sm90::BwdPrePost<T, D>::dot(p);                                                                \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__((W) * 32, 1)                                                \
         NAME##_main(const __grid_constant__ FaParams p, const __grid_constant__ CUtensorMap tma_q,           \
                     const __grid_constant__ CUtensorMap tma_k, const __grid_constant__ CUtensorMap tma_v,    \
                     const __grid_constant__ CUtensorMap tma_do) {                                            \
-        ::fa::sm90::bwd_main<T, D, S, SMEM>(p, &tma_q, &tma_k, &tma_v, &tma_do);                                  \
+        ::fa::sm90::bwd_main_tile<T, D, BN, S, SMEM>(p, &tma_q, &tma_k, &tma_v, &tma_do);                    \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(::fa::sm90::kBwdThreads) NAME##_convert(const FaParams p) { \
         ::fa::sm90::bwd_convert<T, D>(p);                                                                    \

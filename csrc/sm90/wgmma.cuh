@@ -6,6 +6,10 @@
 //   WgmmaRSTransB<T, N>::mma(d, a, desc_b, accumulate)
 //       the same with A from registers (4 x b32 per thread) and B MN-major (imm-trans-b = 1)
 //       (P·V: A = P [64 x 16] in registers, B = V [16 x N] stored [key][head dim] in smem).
+//   WgmmaSSTransB<T, N>::mma(d, desc_a, desc_b, accumulate)
+//       A from shared memory K-major, B MN-major (imm-trans-b = 1)
+//       (the wide backward's dV += P^T dO: A = P^T [64 x 16] stored [key][query], B = dO
+//       [16 x N] stored [query][head dim]).
 //   WgmmaSSTransAB<T, N>::mma(d, desc_a, desc_b, accumulate)
 //       A and B from shared memory, both MN-major (imm-trans-a = imm-trans-b = 1)
 //       (the backward's dQ = dS K: A = dS [64 x 16] stored [key][query], B = K [16 x N] stored
@@ -39,6 +43,8 @@ template <typename T, int N>
 struct WgmmaRSTransB;  // likewise
 template <typename T, int N>
 struct WgmmaSSTransAB;  // likewise
+template <typename T, int N>
+struct WgmmaSSTransB;  // likewise
 
 // clang-format off
 #define FA_WGMMA_ACC_STR_1 "%0, %1, %2, %3, %4, %5, %6, %7"
@@ -100,6 +106,19 @@ struct WgmmaSSTransAB;  // likewise
         }                                                                                              \
     };
 
+#define FA_WGMMA_SSB_ONE(T, TSTR, N, K8, IA, IB, IS)                                                   \
+    template <>                                                                                        \
+    struct WgmmaSSTransB<T, N> {                                                                       \
+        __device__ __forceinline__ static void mma(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,  \
+                                                   uint32_t accumulate) {                              \
+            asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #IS ", 0;\n"                             \
+                         "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." TSTR "." TSTR " {"           \
+                         FA_WGMMA_ACC_STR_##K8 "}, %" #IA ", %" #IB ", p, 1, 1, 0, 1;\n}\n"            \
+                         : FA_WGMMA_ACC_OPS_##K8(d)                                                    \
+                         : "l"(desc_a), "l"(desc_b), "r"(accumulate));                                 \
+        }                                                                                              \
+    };
+
 #define FA_WGMMA_RS_ONE(T, TSTR, N, K8, A0, A1, A2, A3, IB, IS)                                        \
     template <>                                                                                        \
     struct WgmmaRSTransB<T, N> {                                                                       \
@@ -121,6 +140,10 @@ struct WgmmaSSTransAB;  // likewise
 #define FA_WGMMA_SST_DEFINE(N, K8, IA, IB, IS)                   \
     FA_WGMMA_SST_ONE(__nv_bfloat16, "bf16", N, K8, IA, IB, IS)   \
     FA_WGMMA_SST_ONE(__half, "f16", N, K8, IA, IB, IS)
+
+#define FA_WGMMA_SSB_DEFINE(N, K8, IA, IB, IS)                   \
+    FA_WGMMA_SSB_ONE(__nv_bfloat16, "bf16", N, K8, IA, IB, IS)   \
+    FA_WGMMA_SSB_ONE(__half, "f16", N, K8, IA, IB, IS)
 
 #define FA_WGMMA_RS_DEFINE(N, K8, A0, A1, A2, A3, IB, IS)                    \
     FA_WGMMA_RS_ONE(__nv_bfloat16, "bf16", N, K8, A0, A1, A2, A3, IB, IS)    \
@@ -146,6 +169,10 @@ FA_WGMMA_SS_DEFINE(256, 16, 128, 129, 130)
 // The backward's dQ GEMM (N = head dim / 2).
 FA_WGMMA_SST_DEFINE(32, 2, 16, 17, 18)
 FA_WGMMA_SST_DEFINE(64, 4, 32, 33, 34)
+FA_WGMMA_SST_DEFINE(128, 8, 64, 65, 66)
+
+// The wide backward's dV and dK GEMMs (N = head dim / 2).
+FA_WGMMA_SSB_DEFINE(128, 8, 64, 65, 66)
 
 FA_WGMMA_RS_DEFINE(16, 1, 8, 9, 10, 11, 12, 13)
 FA_WGMMA_RS_DEFINE(32, 2, 16, 17, 18, 19, 20, 21)
@@ -169,6 +196,8 @@ FA_WGMMA_RS_DEFINE(256, 16, 128, 129, 130, 131, 132, 133)
 #undef FA_WGMMA_RS_DEFINE
 #undef FA_WGMMA_SST_DEFINE
 #undef FA_WGMMA_SST_ONE
+#undef FA_WGMMA_SSB_DEFINE
+#undef FA_WGMMA_SSB_ONE
 #undef FA_WGMMA_SS_ONE
 #undef FA_WGMMA_RS_ONE
 
