@@ -916,7 +916,7 @@ pub const fn sm90_fwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 /// warpgroups at `head_dim / 2`, which must start on a 16-byte chunk of the K tile's swizzled
 /// lines and be a wgmma N with a wrapper (32, 64); a warpgroup holds dK + dV (`head_dim`
 /// registers per thread) besides S^T / dP^T (64), so d = 192 / 256 need another split.
-pub const SM90_BWD_HEAD_DIMS: [u32; 3] = [64, 128, 256];
+pub const SM90_BWD_HEAD_DIMS: [u32; 6] = [64, 80, 96, 128, 192, 256];
 
 /// sm90-family backward tiles: one, 64 query rows per step x 128 keys per thread block, two
 /// warpgroups of 64 keys each (8 warps, 1 CTA per SM: 254 registers at d = 128), 3 Q / dO stages
@@ -940,8 +940,8 @@ pub const SM90_BWD_HEAD_DIMS: [u32; 3] = [64, 128, 256];
 ///   cuDNN at d = 128, 512-2k keys) do not lose in the masked steps' element code.
 pub const fn sm90_bwd_tiles(head_dim: u32) -> &'static [Tile] {
     match head_dim {
-        64 | 128 => &[tile!(64, 128, 8, 3)],
-        256 => &[tile!(64, 64, 8, 2)],
+        64 | 80 | 96 | 128 => &[tile!(64, 128, 8, 3)],
+        192 | 256 => &[tile!(64, 64, 8, 2)],
         _ => &[],
     }
 }

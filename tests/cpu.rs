@@ -255,14 +255,17 @@ fn lookup_misses_are_typed() {
         lookup(&key(SmArch::Sm90a, DType::F8E4m3, 128)),
         Err(Error::NoKernel { .. })
     ));
-    // The backward: the sm90 family at its head dims (64, 128, 256) on sm_90a where these knobs
-    // compiled it, else the sm80 family (routed, and saying so, on sm_90a). d = 192 has no sm90
-    // backward cell at all.
-    assert!(
-        !whitelist()
-            .iter()
-            .any(|c| c.family == Family::Sm90 && c.direction == Direction::Bwd && c.head_dim == 192)
-    );
+    // The backward: the sm90 family on sm_90a where these knobs compiled it (every head dim has
+    // an sm90 backward cell in the whitelist), else the sm80 family (routed, and saying so, on
+    // sm_90a).
+    for d in HEAD_DIMS {
+        assert!(
+            whitelist()
+                .iter()
+                .any(|c| c.family == Family::Sm90 && c.direction == Direction::Bwd && c.head_dim == d),
+            "d {d}"
+        );
+    }
     for (arch, d) in [
         (SmArch::Sm90a, 128),
         (SmArch::Sm90a, 64),

@@ -29,9 +29,10 @@
 //   P^T = exp2(S^T scale log2(e) - lse2), dS^T = P^T (dP^T - D) in the accumulator layout, which
 //   is also the A layout of dV += P^T dO and dK += dS^T Q (RS, B MN-major). dS^T goes to smem as
 //   a [key][query] tile with the 128 B swizzle, from which dQ = dS K is one m64 GEMM over all 128
-//   keys (A = dS MN-major, B = K MN-major); warpgroup w computes head-dim columns
-//   [w D / 2, (w + 1) D / 2) and adds them into dq_accum with 16-byte fp32 reductions, in the
-//   accumulator's fragment order (512 contiguous bytes per warp instruction).
+//   keys (A = dS MN-major, B = K MN-major); warpgroup w computes D / 2 head-dim columns
+//   (BwdHalfCols: [w D / 2, (w + 1) D / 2) where D / 2 is whole swizzle panels, else two column
+//   chunks) and adds them into dq_accum with 16-byte fp32 reductions, in the accumulator's
+//   fragment order (512 contiguous bytes per warp instruction).
 // - One CTA-wide sync per step, the named barrier before dQ (both warpgroups' dS^T are in smem).
 //   Right after it thread 0 issues the loads of step t + S - 1 (Q, dO by TMA, lse2 and D by bulk
 //   copies, one mbarrier per stage) into the stage of step t - 1, which every thread has finished;
@@ -39,9 +40,9 @@
 //   Between those syncs the two warpgroups run freely (tuning notes: src/cells.rs,
 //   `sm90_bwd_tiles`).
 // - dq_accum block order (64 rows x D of one query block): value (row, col) of warpgroup w's
-//   accumulator group c (columns w D / 2 + 8 c .. + 7), warp v, lane l sits in the float4 at
-//   index ((w D / 16 + c) 4 + v) 32 + l, as (row r, col k), (r, k + 1), (r + 8, k), (r + 8, k + 1)
-//   with r = 16 v + l / 4, k = w D / 2 + 8 c + 2 (l % 4).
+//   accumulator group c (columns BwdHalfCols::col(w, c) .. + 7), warp v, lane l sits in the
+//   float4 at index ((w D / 16 + c) 4 + v) 32 + l, as (row r, col k), (r, k + 1), (r + 8, k),
+//   (r + 8, k + 1) with r = 16 v + l / 4, k = col(w, c) + 2 (l % 4).
 // - Deterministic mode is the sm80 family's (src/bwd.rs routes it there).
 // ================================================================================================
 #pragma once
@@ -102,6 +103,89 @@ struct BwdLayout {
 template <typename T, int D>
 using BwdPrePost = sm80::BwdKernel<T, D, kBwdBM, (D > 128 ? 64 : kBwdBN), 8, (D > 128 ? 1 : 2)>;
 
+// The head-dim columns warpgroup w owns in a GEMM split by head-dim halves (dQ in bwd_main; dV,
+// dK and dQ in bwd_main_wide): D / 2 columns as at most two wgmma column chunks, each of which
+// an MN-major B operand can address (one that starts on a swizzle panel may span whole panels
+// and part of one more; one that starts inside a panel stays inside it):
+//   chunk 1: N1 = the whole panels' columns in D / 2: [w N1, (w + 1) N1)
+//   chunk 2: N2 = D / 2 - N1 < PW columns: [2 N1 + w N2, 2 N1 + (w + 1) N2), in the last panel
+//   (N1, N2): d 64 (0, 32); d 80 (32, 8); d 96 (32, 16); d 128 (64, 0); d 192 (64, 32);
+//   d 256 (128, 0).
+// The accumulator holds chunk 1's N1 / 2 values per thread, then chunk 2's N2 / 2; its value
+// group c (8 columns) starts at column col(w, c).
+template <typename T, int D>
+struct BwdHalfCols {
+    using Geo = HeadDimGeometry<T, D>;
+    static constexpr int kHalf = D / 2;
+    static constexpr int kN1 = kHalf / Geo::kPanelElems * Geo::kPanelElems;
+    static constexpr int kN2 = kHalf - kN1;
+    static_assert(kHalf % 8 == 0 && kN2 < Geo::kPanelElems, "the chunks are whole 8-column groups");
+    __device__ __forceinline__ static constexpr int col(int w, int c) {
+        return 8 * c < kN1 ? w * kN1 + 8 * c : 2 * kN1 + w * kN2 + (8 * c - kN1);
+    }
+    // Byte offsets of chunk 1 / chunk 2's first column in a tile whose panels are PANEL_BYTES apart.
+    __device__ __forceinline__ static uint32_t offset1(int w, uint32_t panel_bytes) {
+        return static_cast<uint32_t>(w * kN1 / Geo::kPanelElems) * panel_bytes;
+    }
+    __device__ __forceinline__ static uint32_t offset2(int w, uint32_t panel_bytes) {
+        int const c = 2 * kN1 + w * kN2;
+        return static_cast<uint32_t>(c / Geo::kPanelElems) * panel_bytes +
+               static_cast<uint32_t>(c % Geo::kPanelElems) * Geo::kElemBytes;
+    }
+    // One k16 step of a split GEMM into acc (kHalf / 2 values): chunk 1 then chunk 2, with B
+    // descriptors b1 / b2 (OP: WgmmaSSTransAB or WgmmaSSTransB).
+    template <template <typename, int> class OP>
+    __device__ __forceinline__ static void mma(float (&acc)[kHalf / 2], uint64_t a, uint64_t b1, uint64_t b2,
+                                               uint32_t accumulate) {
+        if constexpr (kN1 > 0) OP<T, kN1>::mma(*reinterpret_cast<float(*)[kN1 / 2]>(acc), a, b1, accumulate);
+        if constexpr (kN2 > 0) {
+            OP<T, kN2>::mma(*reinterpret_cast<float(*)[kN2 / 2]>(acc + kN1 / 2), a, b2, accumulate);
+        }
+    }
+};
+
+#ifndef FA_SM90_BWD_GROUPED_ORDER
+#define FA_SM90_BWD_GROUPED_ORDER 1
+#endif
+// The most key blocks per head for which the causal order below groups heads.
+#ifndef FA_SM90_BWD_GROUP_MAX_KEY_BLOCKS
+#define FA_SM90_BWD_GROUP_MAX_KEY_BLOCKS 32
+#endif
+
+// Thread blocks per head group of the causal launch order below: about two waves of 132 SMs.
+constexpr int kBwdGroupBlocks = 264;
+
+// The (key block, kv head, sequence) of this thread block. The sm80 family's order
+// (sm80::bwd_block), except for a right mask bound without a left one (causal) when a head has
+// at most 32 key blocks: there the heads are taken in groups of G = 264 / key blocks, and inside
+// a group key-block-major, lowest key block (longest walk) first. Why: the dQ reductions of a
+// head's key blocks all land on that head's dq_accum rows (seqlen_q x D x 4 bytes). The sm80
+// family's key-block-major order runs a head's key blocks in different waves when there are many
+// heads and few key blocks, so its dq_accum rows leave L2 between them (d = 256 at 512 keys,
+// 256 heads: 134 MB of dq_accum, each line read and written from HBM once per key block); in
+// groups, every key block of a head runs within about two waves. Longer walks keep the sm80
+// order (all walks are then concurrent in long rows anyway, and the longest-first order is
+// what keeps the tail short).
+__device__ __forceinline__ sm80::BwdBlock bwd_block_sm90(const FaParams& p) {
+#if FA_SM90_BWD_GROUPED_ORDER
+    int const gx = static_cast<int>(gridDim.x);
+    if ((p.flags & FA_FLAG_DETERMINISTIC) == 0 && p.window_right >= 0 && p.window_left < 0 &&
+        gx <= FA_SM90_BWD_GROUP_MAX_KEY_BLOCKS) {
+        int const heads_k = static_cast<int>(gridDim.y);
+        int const heads = heads_k * static_cast<int>(gridDim.z);  // (kv head, sequence) pairs
+        int const linear = static_cast<int>(blockIdx.x) + gx * (static_cast<int>(blockIdx.y) + heads_k * static_cast<int>(blockIdx.z));
+        int const g = max(1, kBwdGroupBlocks / gx);              // heads per group
+        int const group = linear / (g * gx);
+        int const first = group * g;
+        int const members = min(g, heads - first);               // the last group may be smaller
+        int const in_group = linear - first * gx;
+        int const head = first + in_group % members;
+        return {in_group / members, head % heads_k, head / heads_k};
+    }
+#endif
+    return sm80::bwd_block(p);
+}
+
 template <typename T, int D, int S, int SMEM>
 __device__ __forceinline__ void bwd_main(const FaParams& p, const CUtensorMap* tma_q, const CUtensorMap* tma_k,
                                          const CUtensorMap* tma_v, const CUtensorMap* tma_do) {
@@ -132,7 +216,7 @@ __device__ __forceinline__ void bwd_main(const FaParams& p, const CUtensorMap* t
     int const wg = __shfl_sync(0xffffffffu, tid / 128, 0);
     int const tw = tid % 128;
 
-    sm80::BwdBlock const blk = sm80::bwd_block(p);
+    sm80::BwdBlock const blk = bwd_block_sm90(p);
     sm80::BwdSeq const seq = sm80::BwdSeq::make<BM>(p, blk.b);
     if (blk.n_block * BN >= seq.capacity_k) return;  // uniform: past this sequence's key rows
     Mask const mask = Mask::make(p, seq.seqlen_q, seq.seqlen_k);
@@ -211,9 +295,10 @@ __device__ __forceinline__ void bwd_main(const FaParams& p, const CUtensorMap* t
     uint32_t const k_tile = base + L::kKOffset;
     uint32_t const v_tile = base + L::kVOffset;
     uint32_t const ds_tile0 = base + L::kDsOffset;
-    // This warpgroup's dQ columns of K: panel and in-line byte offset of column w D / 2.
-    uint32_t const k_dq = k_tile + static_cast<uint32_t>(wg * kDqN / Geo::kPanelElems) * KVTile::kPanelBytes +
-                          static_cast<uint32_t>((wg * kDqN) % Geo::kPanelElems) * Geo::kElemBytes;
+    // This warpgroup's dQ columns of K (BwdHalfCols): the two chunks' start addresses.
+    using HC = BwdHalfCols<T, D>;
+    uint32_t const k_dq1 = k_tile + HC::offset1(wg, KVTile::kPanelBytes);
+    uint32_t const k_dq2 = k_tile + HC::offset2(wg, KVTile::kPanelBytes);
     int const my_key0 = key0 + 64 * wg;  // sequence key of this warpgroup's row 0
 
 #pragma unroll 1
@@ -358,8 +443,8 @@ __device__ __forceinline__ void bwd_main(const FaParams& p, const CUtensorMap* t
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < kDqSteps; ++ks) {
-            WgmmaSSTransAB<T, kDqN>::mma(dq, DsTile::desc_mn_major(ds_tile, ks), KVTile::desc_mn_major(k_dq, ks),
-                                         ks > 0 ? 1u : 0u);
+            HC::template mma<WgmmaSSTransAB>(dq, DsTile::desc_mn_major(ds_tile, ks), KVTile::desc_mn_major(k_dq1, ks),
+                                              KVTile::desc_mn_major(k_dq2, ks), ks > 0 ? 1u : 0u);
         }
         wgmma_commit();
         wgmma_wait<0>();
@@ -429,7 +514,7 @@ __device__ __forceinline__ void bwd_convert(const FaParams& p) {
         int const l = f & 31, v = (f >> 5) & 3, grp = f >> 7;
         int const w = grp / kGroups, c = grp % kGroups;
         int const row = 16 * v + l / 4;
-        int const col = w * (D / 2) + 8 * c + 2 * (l & 3);
+        int const col = BwdHalfCols<T, D>::col(w, c) + 2 * (l & 3);
         float4 const x = *reinterpret_cast<const float4*>(acc + 4 * f);
         if (row < rows_valid) {
             *reinterpret_cast<uint32_t*>(dq + row * p.dq_row_stride + col) = pack_pair<T>(x.x * scale, x.y * scale);

@@ -3,14 +3,15 @@
 //
 // Why another split: bwd_main gives each warpgroup 64 keys, so it holds dK and dV of 64 keys x D
 // columns (D registers per thread) besides S^T and dP^T (64): at D = 256 that is 320 registers.
-// Here a thread block owns BN = 64 keys, and
+// Here a thread block owns BN = 64 keys (D = 192, 256), and
 // - S^T = K Q^T and dP^T = V dO^T (m64n32, SS) are split by queries: warpgroup w computes the
 //   step's query columns [32 w, 32 w + 32) (16 + 16 registers);
 // - P^T and dS^T go to shared memory ([key][query] tiles, 128 B swizzle), both warpgroups' halves;
 // - dV += P^T dO and dK += dS^T Q (m64, N = D / 2, SS: A K-major from those tiles, B MN-major)
 //   and dQ = dS K (SS, both MN-major, as in bwd_main) are split by head-dim columns: warpgroup w
-//   owns columns [w D / 2, (w + 1) D / 2) of dV, dK and dQ (64 + 64 + 64 registers at D = 256).
-// dQ's block order in dq_accum is therefore bwd_main's (warpgroup w, columns w D / 2 + 8 c ..),
+//   owns the D / 2 columns BwdHalfCols gives it (one or two wgmma chunks) of dV, dK and dQ
+//   (64 + 64 + 64 registers at D = 256).
+// dQ's block order in dq_accum is therefore bwd_main's (warpgroup w, columns col(w, c) ..),
 // and one convert kernel serves both.
 //
 // Per step: wait for the stage; S^T, dP^T; P^T, dS^T into the step's buffers (two alternate);
@@ -68,8 +69,6 @@ __device__ __forceinline__ void bwd_main_wide(const FaParams& p, const CUtensorM
     constexpr int kHalf = D / 2;       // dV / dK / dQ columns per warpgroup
     static_assert(SMEM == static_cast<int>(L::kSmemBytes),
                   "SMEM (src/cells.rs sm90_bwd_smem_bytes) disagrees with BwdWideLayout (csrc/sm90/bwd_wide.cuh)");
-    static_assert(kHalf % Geo::kPanelElems == 0,
-                  "each warpgroup's head-dim columns start on a panel (MN-major B operands cross panels)");
 
     extern __shared__ __align__(1024) uint8_t smem_raw[];
     uint32_t const raw_addr = smem_addr(smem_raw);
@@ -83,7 +82,7 @@ __device__ __forceinline__ void bwd_main_wide(const FaParams& p, const CUtensorM
     int const wg = __shfl_sync(0xffffffffu, tid / 128, 0);
     int const tw = tid % 128;
 
-    sm80::BwdBlock const blk = sm80::bwd_block(p);
+    sm80::BwdBlock const blk = bwd_block_sm90(p);
     sm80::BwdSeq const seq = sm80::BwdSeq::make<BM>(p, blk.b);
     if (blk.n_block * BN >= seq.capacity_k) return;  // uniform: past this sequence's key rows
     Mask const mask = Mask::make(p, seq.seqlen_q, seq.seqlen_k);
@@ -159,9 +158,11 @@ __device__ __forceinline__ void bwd_main_wide(const FaParams& p, const CUtensorM
     bool const mods = p.softcap > 0.f || p.alibi_slopes != nullptr;
     uint32_t const k_tile = base + L::kKOffset;
     uint32_t const v_tile = base + L::kVOffset;
-    // This warpgroup's head-dim columns: a whole number of panels in.
-    uint32_t const half_off = static_cast<uint32_t>(wg * kHalf / Geo::kPanelElems) * QSlab::kPanelBytes;
-    uint32_t const k_dq = k_tile + static_cast<uint32_t>(wg * kHalf / Geo::kPanelElems) * KVTile::kPanelBytes;
+    // This warpgroup's head-dim columns (BwdHalfCols): the two chunks' offsets in Q / dO and K.
+    using HC = BwdHalfCols<T, D>;
+    uint32_t const q_off1 = HC::offset1(wg, QSlab::kPanelBytes), q_off2 = HC::offset2(wg, QSlab::kPanelBytes);
+    uint32_t const k_dq1 = k_tile + HC::offset1(wg, KVTile::kPanelBytes);
+    uint32_t const k_dq2 = k_tile + HC::offset2(wg, KVTile::kPanelBytes);
     int const my_q0 = kQN * wg;  // this warpgroup's first query column of the step
 
 #pragma unroll 1
@@ -290,19 +291,21 @@ __device__ __forceinline__ void bwd_main_wide(const FaParams& p, const CUtensorM
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < kDqSteps; ++ks) {
-            WgmmaSSTransAB<T, kHalf>::mma(dq, PTile::desc_mn_major(ds_tile, ks), KVTile::desc_mn_major(k_dq, ks),
-                                          ks > 0 ? 1u : 0u);
+            HC::template mma<WgmmaSSTransAB>(dq, PTile::desc_mn_major(ds_tile, ks), KVTile::desc_mn_major(k_dq1, ks),
+                                              KVTile::desc_mn_major(k_dq2, ks), ks > 0 ? 1u : 0u);
         }
         wgmma_commit();
 #pragma unroll
         for (int kk = 0; kk < kKVSteps; ++kk) {
-            WgmmaSSTransB<T, kHalf>::mma(dv, PTile::desc_k_major(p_tile, 0, kk),
-                                         QSlab::desc_mn_major(do_slab + half_off, kk), 1u);
+            HC::template mma<WgmmaSSTransB>(dv, PTile::desc_k_major(p_tile, 0, kk),
+                                             QSlab::desc_mn_major(do_slab + q_off1, kk),
+                                             QSlab::desc_mn_major(do_slab + q_off2, kk), 1u);
         }
 #pragma unroll
         for (int kk = 0; kk < kKVSteps; ++kk) {
-            WgmmaSSTransB<T, kHalf>::mma(dk, PTile::desc_k_major(ds_tile, 0, kk),
-                                         QSlab::desc_mn_major(q_slab + half_off, kk), 1u);
+            HC::template mma<WgmmaSSTransB>(dk, PTile::desc_k_major(ds_tile, 0, kk),
+                                             QSlab::desc_mn_major(q_slab + q_off1, kk),
+                                             QSlab::desc_mn_major(q_slab + q_off2, kk), 1u);
         }
         wgmma_commit();
         wgmma_wait<1>();
@@ -325,9 +328,9 @@ __device__ __forceinline__ void bwd_main_wide(const FaParams& p, const CUtensorM
     int64_t const b_off = (p.flags & FA_FLAG_VARLEN) != 0 ? 0 : blk.b;
     int64_t const key_row = static_cast<int64_t>(seq.k_row0) + key0;
     T* const dk_g = static_cast<T*>(p.dk) + b_off * p.dk_batch_stride + key_row * p.dk_row_stride +
-                    static_cast<int64_t>(blk.hk) * p.dk_head_stride + wg * kHalf;
+                    static_cast<int64_t>(blk.hk) * p.dk_head_stride;
     T* const dv_g = static_cast<T*>(p.dv) + b_off * p.dv_batch_stride + key_row * p.dv_row_stride +
-                    static_cast<int64_t>(blk.hk) * p.dv_head_stride + wg * kHalf;
+                    static_cast<int64_t>(blk.hk) * p.dv_head_stride;
     int const rows_cap = seq.capacity_k - key0;
     float const scale = p.scale;
 #pragma unroll
@@ -336,7 +339,7 @@ __device__ __forceinline__ void bwd_main_wide(const FaParams& p, const CUtensorM
         if (r < rows_cap) {
 #pragma unroll
             for (int c = 0; c < kHalf / 8; ++c) {
-                int const col = 8 * c + ac.col0;
+                int const col = HC::col(wg, c) + ac.col0;
                 *reinterpret_cast<uint32_t*>(dk_g + r * p.dk_row_stride + col) =
                     pack_pair<T>(dk[4 * c + 2 * half] * scale, dk[4 * c + 2 * half + 1] * scale);
                 *reinterpret_cast<uint32_t*>(dv_g + r * p.dv_row_stride + col) =

@@ -16,7 +16,8 @@
 //       [key][head dim]).
 //
 // d is the warpgroup's fp32 accumulator fragment: float[N / 2] per thread. `accumulate` = 0
-// overwrites d (D = A·B), 1 accumulates (D += A·B). Shapes exist for N = 16, 32, ..., 256; an
+// overwrites d (D = A·B), 1 accumulates (D += A·B). WgmmaSS and WgmmaRSTransB exist for
+// N = 16, 32, ..., 256, the backward's two for the N its kernels use (listed below); an
 // unsupported (T, N) fails to compile (the primary templates are declared, not defined).
 //
 // The asm operand lists are long (N / 2 accumulators), so they are spelled by the
@@ -47,6 +48,7 @@ template <typename T, int N>
 struct WgmmaSSTransB;  // likewise
 
 // clang-format off
+#define FA_WGMMA_ACC_STR_H "%0, %1, %2, %3"
 #define FA_WGMMA_ACC_STR_1 "%0, %1, %2, %3, %4, %5, %6, %7"
 #define FA_WGMMA_ACC_STR_2 FA_WGMMA_ACC_STR_1 ", " "%8, %9, %10, %11, %12, %13, %14, %15"
 #define FA_WGMMA_ACC_STR_3 FA_WGMMA_ACC_STR_2 ", " "%16, %17, %18, %19, %20, %21, %22, %23"
@@ -63,6 +65,7 @@ struct WgmmaSSTransB;  // likewise
 #define FA_WGMMA_ACC_STR_14 FA_WGMMA_ACC_STR_13 ", " "%104, %105, %106, %107, %108, %109, %110, %111"
 #define FA_WGMMA_ACC_STR_15 FA_WGMMA_ACC_STR_14 ", " "%112, %113, %114, %115, %116, %117, %118, %119"
 #define FA_WGMMA_ACC_STR_16 FA_WGMMA_ACC_STR_15 ", " "%120, %121, %122, %123, %124, %125, %126, %127"
+#define FA_WGMMA_ACC_OPS_H(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
 #define FA_WGMMA_ACC_OPS_1(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
 #define FA_WGMMA_ACC_OPS_2(d) FA_WGMMA_ACC_OPS_1(d), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
 #define FA_WGMMA_ACC_OPS_3(d) FA_WGMMA_ACC_OPS_2(d), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23])
@@ -166,12 +169,16 @@ FA_WGMMA_SS_DEFINE(224, 14, 112, 113, 114)
 FA_WGMMA_SS_DEFINE(240, 15, 120, 121, 122)
 FA_WGMMA_SS_DEFINE(256, 16, 128, 129, 130)
 
-// The backward's dQ GEMM (N = head dim / 2).
+// The backward's dQ GEMM (N = the column chunks of BwdHalfCols, csrc/sm90/bwd.cuh).
+FA_WGMMA_SST_DEFINE(8, H, 4, 5, 6)
+FA_WGMMA_SST_DEFINE(16, 1, 8, 9, 10)
 FA_WGMMA_SST_DEFINE(32, 2, 16, 17, 18)
 FA_WGMMA_SST_DEFINE(64, 4, 32, 33, 34)
 FA_WGMMA_SST_DEFINE(128, 8, 64, 65, 66)
 
-// The wide backward's dV and dK GEMMs (N = head dim / 2).
+// The wide backward's dV and dK GEMMs (N = the column chunks of BwdHalfCols).
+FA_WGMMA_SSB_DEFINE(32, 2, 16, 17, 18)
+FA_WGMMA_SSB_DEFINE(64, 4, 32, 33, 34)
 FA_WGMMA_SSB_DEFINE(128, 8, 64, 65, 66)
 
 FA_WGMMA_RS_DEFINE(16, 1, 8, 9, 10, 11, 12, 13)
