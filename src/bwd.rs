@@ -3,8 +3,8 @@
 //! Inputs: q, k, v, out, dout and the forward's LSE; outputs dq, dk, dv (and dsink with learnable
 //! sink logits). Three kernels run in stream order: a preprocess (`_dot`: D = rowsum(dO * O)), the
 //! main kernel (`_main`) and a postprocess (`_convert`). The fast paths: the sm90 family
-//! (csrc/sm90/bwd.cuh: TMA + wgmma) on H100 / H200 at head dims 64 and 128
-//! (`SM90_BWD_HEAD_DIMS`), the sm80 family (csrc/sm80/bwd.cuh) everywhere else, and for
+//! (csrc/sm90/bwd.cuh, bwd_wide.cuh: TMA + wgmma) on H100 / H200 at every head dim
+//! (`SM90_BWD_HEAD_DIMS`), the sm80 family (csrc/sm80/bwd.cuh) on other devices and for
 //! deterministic mode on every device. [`BwdInfo::cell`] names the cell that ran.
 //!
 //! fp32 workspaces are allocated by the crate on the call's stream for each call

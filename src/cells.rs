@@ -909,21 +909,34 @@ pub const fn sm90_fwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
     q + kv + barriers + tile_slots + 1024
 }
 
-/// Head dims of the sm90-family (FlashAttention-3 class) backward. The others run the sm80
-/// family's backward on H100 / H200 (`family_supports` in src/dispatch.rs routes them there).
+/// Head dims of the sm90-family (FlashAttention-3 class) backward: all of them. (Deterministic
+/// mode runs the sm80 family's backward; `family_supports` in src/dispatch.rs routes it there.)
 ///
-/// Why only these: the kernel (csrc/sm90/bwd.cuh) splits dQ's head-dim columns between its two
-/// warpgroups at `head_dim / 2`, which must start on a 16-byte chunk of the K tile's swizzled
-/// lines and be a wgmma N with a wrapper (32, 64); a warpgroup holds dK + dV (`head_dim`
-/// registers per thread) besides S^T / dP^T (64), so d = 192 / 256 need another split.
+/// How each fits: csrc/sm90/bwd.cuh (d <= 128) gives each warpgroup 64 keys, so it holds dK +
+/// dV (`head_dim` registers per thread) besides S^T / dP^T (64); d = 192 / 256 run
+/// csrc/sm90/bwd_wide.cuh, whose warpgroups split S^T / dP^T by queries and dV / dK / dQ by
+/// head-dim halves. Where half the head dim is not whole swizzle panels (d = 64, 80, 96, 192),
+/// a warpgroup's columns are two wgmma chunks (`BwdHalfCols`), each addressable as an MN-major
+/// operand.
 pub const SM90_BWD_HEAD_DIMS: [u32; 6] = [64, 80, 96, 128, 192, 256];
 
-/// sm90-family backward tiles: one, 64 query rows per step x 128 keys per thread block, two
-/// warpgroups of 64 keys each (8 warps, 1 CTA per SM: 254 registers at d = 128), 3 Q / dO stages
-/// (csrc/sm90/bwd.cuh).
+/// sm90-family backward tiles, one per head dim (csrc/sm90/bwd.cuh, bwd_wide.cuh):
+/// - d <= 128: 64 query rows per step x 128 keys per thread block, two warpgroups of 64 keys
+///   each (8 warps, 1 CTA per SM: 254 registers at d = 128, 226 at d = 96, 214 at d = 80, 192 at
+///   d = 64; no spills), 3 Q / dO stages.
+/// - d = 192, 256 ("wide"): 64 x 64 keys, two warpgroups that split the step's queries for S^T /
+///   dP^T and the head dim for dV / dK / dQ; P^T and dS^T go through shared memory (two buffers
+///   each); 2 stages (the most that fit 227 KB at d = 256: 226 KB); 220 registers at d = 256,
+///   179 at d = 192.
+///
+/// Launch order of causal calls (`bwd_block_sm90`): with at most 32 key blocks per head, heads
+/// are taken in groups of about 264 thread blocks, key-block-major inside a group, so that every
+/// key block of a head adds its dQ into that head's dq_accum rows while they are in L2 (perf log
+/// run 14: +9.1% over d 64 / 128 / 256 / GQA at 512-4k keys, both masks; causal d 256 1k +63%,
+/// d 128 2k +31%; non-causal unchanged).
 ///
 /// Measured (H200, bf16, `compare.py --lib A --lib-b B --bwd --head-dims 64,128 --seqlens
-/// 1024,4096,16384`, both orders, geometric mean of the two; perf log run 13):
+/// 1024,4096,16384`, both orders, geometric mean of the two; perf log run 13), the d <= 128 tile:
 /// - First version (two CTA-wide syncs per step, one dS^T buffer, loads at the top of the step,
 ///   2 stages): 1.47x FA2, 0.93x cuDNN over those 18 cells.
 /// - One sync per step (the one before dQ), two dS^T buffers, the next loads issued right after
@@ -937,7 +950,8 @@ pub const SM90_BWD_HEAD_DIMS: [u32; 6] = [64, 80, 96, 128, 192, 256];
 ///   serialised every wgmma of the d = 64 kernel (C7514 / C7515) in each order tried. The
 ///   forward's cheaper causal mask (one limit per query column, when there is no left bound):
 ///   1.000 over d = 128 MHA + GQA at 512-4k keys (16 cells), so the short causal calls (0.75-0.82x
-///   cuDNN at d = 128, 512-2k keys) do not lose in the masked steps' element code.
+///   cuDNN at d = 128, 512-2k keys) do not lose in the masked steps' element code; their gap
+///   was the launch order's L2 misses on dq_accum (the grouped order above, run 14).
 pub const fn sm90_bwd_tiles(head_dim: u32) -> &'static [Tile] {
     match head_dim {
         64 | 80 | 96 | 128 => &[tile!(64, 128, 8, 3)],
@@ -947,8 +961,9 @@ pub const fn sm90_bwd_tiles(head_dim: u32) -> &'static [Tile] {
 }
 
 /// Shared memory of an sm90-family backward tile (`BwdLayout` in csrc/sm90/bwd.cuh, which
-/// static_asserts the same number): K and V (`block_n` rows), `stages` x (Q and dO, `block_m`
-/// rows), two dS^T tiles (`block_n` x `block_m`), `stages` x 2 x `block_m` fp32 statistics,
+/// static_asserts the same number; `BwdWideLayout` in csrc/sm90/bwd_wide.cuh for `block_n` = 64):
+/// K and V (`block_n` rows), `stages` x (Q and dO, `block_m` rows), two dS^T tiles (`block_n` x
+/// `block_m`; the wide tile also two P^T tiles), `stages` x 2 x `block_m` fp32 statistics,
 /// `1 + stages` mbarriers, 1024 bytes of alignment slack; tiles rounded to 1024 bytes.
 pub const fn sm90_bwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u32 {
     const fn round_up_1k(x: u32) -> u32 {

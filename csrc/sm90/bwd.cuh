@@ -4,17 +4,19 @@
 // operands MN-major).
 //
 // ================================ launch contract ================================================
-// Instantiation (one line per tile of `sm90_bwd_tiles(d)`, src/cells.rs; the only tile is
-// BM = 64 query rows per step, BN = 128 key rows per thread block, W = 8 warps, S = 3 Q / dO
-// stages):
+// Instantiation (one line per tile of `sm90_bwd_tiles(d)`, src/cells.rs; one tile per head dim:
+// BM = 64 query rows per step, W = 8 warps, and BN = 128 key rows per thread block with S = 3
+// Q / dO stages at d <= 128 (bwd_main, this file), BN = 64 with S = 2 at d = 192, 256
+// (bwd_main_wide, csrc/sm90/bwd_wide.cuh)):
 //     FA_SM90_BWD_KERNEL(fa_sm90_bwd_{dtype}_hd{D}_m64n128w8s3, T, D, 64, 128, 8, 3, SMEM)
+//     FA_SM90_BWD_KERNEL(fa_sm90_bwd_{dtype}_hd{D}_m64n64w8s2, T, D, 64, 64, 8, 2, SMEM)
 // which defines three kernels, launched in this order on one stream by src/bwd.rs:
 //   NAME_dot      the sm80 family's preprocess (csrc/sm80/bwd.cuh, BM = 64): D = rowsum(dO * O),
 //                 the log2 LSE, dq_accum zeroed. grid (ceil(seqlen_q / 64), heads, batch), 256 threads.
-//   NAME_main     grid (ceil(max key capacity / 128), heads_k, batch), 256 threads (two
+//   NAME_main     grid (ceil(max key capacity / BN), heads_k, batch), 256 threads (two
 //                 warpgroups), SMEM bytes of dynamic shared memory; arguments
 //                 (FaParams p, CUtensorMap tma_q, tma_k, tma_v, tma_do), each map as in the
-//                 forward (src/sm90_tma.rs) with box rows 64 (Q, dO) and 128 (K, V).
+//                 forward (src/sm90_tma.rs) with box rows 64 (Q, dO) and BN (K, V).
 //   NAME_convert  grid (ceil(seqlen_q / 64), heads, batch), 256 threads: dq = scale * dq_accum
 //                 (this kernel's fragment-major order, below), and dsink as in the sm80 family.
 // Workspaces: the sm80 family's (csrc/sm80/bwd_tile.cuh, BwdWorkspace<64>): the same rows, the
