@@ -929,11 +929,12 @@ pub const SM90_BWD_HEAD_DIMS: [u32; 6] = [64, 80, 96, 128, 192, 256];
 ///   each); 2 stages (the most that fit 227 KB at d = 256: 226 KB); 220 registers at d = 256,
 ///   179 at d = 192.
 ///
-/// Launch order of causal calls (`bwd_block_sm90`): with at most 32 key blocks per head, heads
-/// are taken in groups of about 264 thread blocks, key-block-major inside a group, so that every
-/// key block of a head adds its dQ into that head's dq_accum rows while they are in L2 (perf log
-/// run 14: +9.1% over d 64 / 128 / 256 / GQA at 512-4k keys, both masks; causal d 256 1k +63%,
-/// d 128 2k +31%; non-causal unchanged).
+/// Launch order of causal calls (`bwd_block_sm90`): with at most 512 key blocks per head, heads
+/// are taken in groups of about 264 thread blocks (or one head), key-block-major inside a group,
+/// so that every key block of a head adds its dQ into that head's dq_accum rows while they are
+/// in L2 (perf log run 14: with the limit at 32 key blocks, +9.1% over d 64 / 128 / 256 / GQA at
+/// 512-4k keys, both masks: causal d 256 1k +63%, d 128 2k +31%, non-causal unchanged; the limit
+/// at 512: +1.6% more over d 128 / 256 / GQA at 8k / 16k, causal cells +2-5%).
 ///
 /// Measured (H200, bf16, `compare.py --lib A --lib-b B --bwd --head-dims 64,128 --seqlens
 /// 1024,4096,16384`, both orders, geometric mean of the two; perf log run 13), the d <= 128 tile:

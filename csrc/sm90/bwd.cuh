@@ -151,7 +151,7 @@ struct BwdHalfCols {
 #endif
 // The most key blocks per head for which the causal order below groups heads.
 #ifndef FA_SM90_BWD_GROUP_MAX_KEY_BLOCKS
-#define FA_SM90_BWD_GROUP_MAX_KEY_BLOCKS 32
+#define FA_SM90_BWD_GROUP_MAX_KEY_BLOCKS 512
 #endif
 
 // Thread blocks per head group of the causal launch order below: about two waves of 132 SMs.
@@ -159,15 +159,18 @@ constexpr int kBwdGroupBlocks = 264;
 
 // The (key block, kv head, sequence) of this thread block. The sm80 family's order
 // (sm80::bwd_block), except for a right mask bound without a left one (causal) when a head has
-// at most 32 key blocks: there the heads are taken in groups of G = 264 / key blocks, and inside
+// at most 512 key blocks: there the heads are taken in groups of G = max(1, 264 / key blocks)
+// (one head from 133 key blocks on), and inside
 // a group key-block-major, lowest key block (longest walk) first. Why: the dQ reductions of a
 // head's key blocks all land on that head's dq_accum rows (seqlen_q x D x 4 bytes). The sm80
 // family's key-block-major order runs a head's key blocks in different waves when there are many
 // heads and few key blocks, so its dq_accum rows leave L2 between them (d = 256 at 512 keys,
 // 256 heads: 134 MB of dq_accum, each line read and written from HBM once per key block); in
-// groups, every key block of a head runs within about two waves. Longer walks keep the sm80
-// order (all walks are then concurrent in long rows anyway, and the longest-first order is
-// what keeps the tail short).
+// groups, every key block of a head runs within about two waves (perf log run 14: +9.1% over
+// d 64 / 128 / 256 / GQA at 512-4k keys with the limit at 32 key blocks; raising it to 512,
+// +3% more on causal calls at 8k / 16k keys). Beyond 512 key blocks (32k keys at BN = 64) the
+// sm80 order stands: one head's walks, longest first, would then leave a long walk of the last
+// head to the grid's tail.
 __device__ __forceinline__ sm80::BwdBlock bwd_block_sm90(const FaParams& p) {
 #if FA_SM90_BWD_GROUPED_ORDER
     int const gx = static_cast<int>(gridDim.x);
