@@ -953,6 +953,10 @@ pub const SM90_BWD_HEAD_DIMS: [u32; 6] = [64, 80, 96, 128, 192, 256];
 ///   1.000 over d = 128 MHA + GQA at 512-4k keys (16 cells), so the short causal calls (0.75-0.82x
 ///   cuDNN at d = 128, 512-2k keys) do not lose in the masked steps' element code; their gap
 ///   was the launch order's L2 misses on dq_accum (the grouped order above, run 14).
+/// - Not kept (run 14 call 6): a deterministic main kernel (`_main_det`) compiled in the same
+///   translation unit, 0.95x FA2 in deterministic mode, but with it ptxas allocated the default
+///   d 80 / 96 / 128 kernels differently (identical PTX up to register numbering; d 128 255
+///   registers + 24 bytes of stack): -2.1% on their default calls. It needs its own image.
 pub const fn sm90_bwd_tiles(head_dim: u32) -> &'static [Tile] {
     match head_dim {
         64 | 80 | 96 | 128 => &[tile!(64, 128, 8, 3)],
