@@ -52,11 +52,17 @@ fn collect(root: &Path, dir: &Path, out: &mut Vec<String>) {
 pub fn fetch(dir: &Path, job: &Job) -> bool {
     let fat = dir.join(format!("{}.fatbin", job.cache_key));
     let ptx = dir.join(format!("{}.ptx.fatbin", job.cache_key));
-    if !fat.is_file() || (job.ptx_fatbin.is_some() && !ptx.is_file()) {
+    let det = dir.join(format!("{}.det.fatbin", job.cache_key));
+    if !fat.is_file() || (job.ptx_fatbin.is_some() && !ptx.is_file()) || (job.det.is_some() && !det.is_file()) {
         return false;
     }
     if std::fs::copy(&fat, &job.fatbin).is_err() {
         return false;
+    }
+    if let Some((_, dst)) = &job.det {
+        if std::fs::copy(&det, dst).is_err() {
+            return false;
+        }
     }
     match &job.ptx_fatbin {
         Some(dst) => std::fs::copy(&ptx, dst).is_ok(),
@@ -77,6 +83,9 @@ pub fn store(dir: &Path, job: &Job) {
     };
     if let Some(ptx) = &job.ptx_fatbin {
         put(ptx, format!("{}.ptx.fatbin", job.cache_key));
+    }
+    if let Some((_, det)) = &job.det {
+        put(det, format!("{}.det.fatbin", job.cache_key));
     }
     put(&job.fatbin, format!("{}.fatbin", job.cache_key));
 }

@@ -78,6 +78,19 @@ pub fn write(out_dir: &Path, built: &[Built], knobs: &Knobs) {
             }
             None => ("None".to_string(), 0),
         };
+        let det_expr = match &b.det_fatbin {
+            Some(p) => {
+                let len = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+                writeln!(
+                    rs,
+                    "static DET_{i}: Aligned<{len}> = Aligned(*include_bytes!({:?}));",
+                    p.display().to_string()
+                )
+                .unwrap();
+                format!("Some(&DET_{i}.0)")
+            }
+            None => "None".to_string(),
+        };
         let mut kernels = String::new();
         let mut paged_kernels = String::new();
         let mut split_kernels = String::new();
@@ -121,7 +134,7 @@ pub fn write(out_dir: &Path, built: &[Built], knobs: &Knobs) {
         let targets: Vec<&str> = b.targets.iter().map(|t| target_expr(*t)).collect();
         writeln!(
             images,
-            "    CellImage {{ key: {:?}, cell: {}, fatbin: &FATBIN_{i}.0, ptx: {ptx_expr}, targets: &[{}], kernels: &[{kernels}], paged_kernels: &[{paged_kernels}], split_kernels: &[{split_kernels}] }},",
+            "    CellImage {{ key: {:?}, cell: {}, fatbin: &FATBIN_{i}.0, ptx: {ptx_expr}, det_fatbin: {det_expr}, targets: &[{}], kernels: &[{kernels}], paged_kernels: &[{paged_kernels}], split_kernels: &[{split_kernels}] }},",
             b.cell.key(),
             cell_expr(&b.cell),
             targets.join(", ")

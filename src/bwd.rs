@@ -4,8 +4,8 @@
 //! sink logits). Three kernels run in stream order: a preprocess (`_dot`: D = rowsum(dO * O)), the
 //! main kernel (`_main`) and a postprocess (`_convert`). The fast paths: the sm90 family
 //! (csrc/sm90/bwd.cuh, bwd_wide.cuh: TMA + wgmma) on H100 / H200 at every head dim
-//! (`SM90_BWD_HEAD_DIMS`), the sm80 family (csrc/sm80/bwd.cuh) on other devices and for
-//! deterministic mode on every device. [`BwdInfo::cell`] names the cell that ran.
+//! (`SM90_BWD_HEAD_DIMS`, deterministic mode included), the sm80 family (csrc/sm80/bwd.cuh) on
+//! other devices. [`BwdInfo::cell`] names the cell that ran.
 //!
 //! fp32 workspaces are allocated by the crate on the call's stream for each call
 //! (stream-ordered allocation, freed when the call returns and the stream reaches that point; the
@@ -231,22 +231,9 @@ pub(crate) fn run_bwd<T: AttnElement>(
         }
         Impl::Flash => {
             let key = prep.dispatch_key(info.arch, T::DTYPE, &dims, seqlens.is_some());
-            let kref = match ov.family {
+            match ov.family {
                 Some(family) => DISPATCH_TABLE.lookup_family(&key, Direction::Bwd, family)?,
                 None => DISPATCH_TABLE.resolve(&key, Direction::Bwd, false)?,
-            };
-            if opts.deterministic && kref.cell().family == Family::Sm90 {
-                // The sm90 backward adds dQ with unordered reductions only: deterministic mode
-                // runs the sm80 family's (`BwdInfo::cell` names it), unless that family is
-                // excluded by a forced family.
-                if ov.family == Some(Family::Sm90) {
-                    return Err(Error::NoKernel {
-                        what: format!("{} (Bwd, deterministic) in the sm90 family", key.kernel_name()),
-                    });
-                }
-                DISPATCH_TABLE.lookup_family(&key, Direction::Bwd, Family::Sm80)?
-            } else {
-                kref
             }
         }
     };
@@ -270,7 +257,25 @@ pub(crate) fn run_bwd<T: AttnElement>(
     let prefix = entry.symbol;
     let main_smem = if imp == Impl::Flash { entry.smem_bytes } else { 0 };
     let f_dot = runtime::function(stream, kref.index, jit, leak_symbol(prefix, "_dot"), 0)?;
-    let f_main = runtime::function(stream, kref.index, jit, leak_symbol(prefix, "_main"), main_smem)?;
+    // The sm90 family compiles deterministic mode as its own main kernel (`_main_det`: the dQ
+    // reductions wait for their turn; csrc/sm90/bwd.cuh), in an image of its own
+    // (`CellImage::det_fatbin`), so the default kernels carry none of it.
+    let det_image = opts.deterministic && imp == Impl::Flash && kref.cell().family == Family::Sm90;
+    let (main_symbol, f_main) = if det_image {
+        if kref.image.det_fatbin.is_none() {
+            return Err(Error::NoKernel {
+                what: format!(
+                    "{} (Bwd, deterministic): the cell has no deterministic image",
+                    kref.key()
+                ),
+            });
+        }
+        let symbol = leak_symbol(prefix, "_main_det");
+        (symbol, runtime::det_function(stream, kref.index, symbol, main_smem)?)
+    } else {
+        let symbol = leak_symbol(prefix, "_main");
+        (symbol, runtime::function(stream, kref.index, jit, symbol, main_smem)?)
+    };
     let f_convert = runtime::function(stream, kref.index, jit, leak_symbol(prefix, "_convert"), 0)?;
 
     let guards = fwd::Pointers::take(stream, &q, &k, &v, seqlens, &prep);
@@ -473,7 +478,7 @@ pub(crate) fn run_bwd<T: AttnElement>(
     drop(guards);
     Ok(BwdInfo {
         cell: kref.key(),
-        symbol: leak_symbol(prefix, "_main"),
+        symbol: main_symbol,
     })
 }
 

@@ -175,6 +175,16 @@ impl Cell {
         }
     }
 
+    /// The macro of the deterministic-mode kernels, which build.rs compiles into a second image
+    /// of the cell (`CellImage::det_fatbin`): the sm90-family backward only (the sm80 family's
+    /// main kernel takes deterministic mode at run time).
+    pub const fn det_instantiate_macro(&self) -> Option<&'static str> {
+        match (self.family, self.direction) {
+            (Family::Sm90, Direction::Bwd) => Some("FA_SM90_BWD_DET_KERNEL"),
+            _ => None,
+        }
+    }
+
     /// The macro in [`Cell::source`] that defines one kernel of this cell.
     pub const fn instantiate_macro(&self) -> &'static str {
         match (self.family, self.direction) {
@@ -909,8 +919,8 @@ pub const fn sm90_fwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
     q + kv + barriers + tile_slots + 1024
 }
 
-/// Head dims of the sm90-family (FlashAttention-3 class) backward: all of them. (Deterministic
-/// mode runs the sm80 family's backward; `family_supports` in src/dispatch.rs routes it there.)
+/// Head dims of the sm90-family (FlashAttention-3 class) backward: all of them, both modes
+/// (deterministic mode's kernels are a second image of each cell, `Cell::det_instantiate_macro`).
 ///
 /// How each fits: csrc/sm90/bwd.cuh (d <= 128) gives each warpgroup 64 keys, so it holds dK +
 /// dV (`head_dim` registers per thread) besides S^T / dP^T (64); d = 192 / 256 run
@@ -953,10 +963,11 @@ pub const SM90_BWD_HEAD_DIMS: [u32; 6] = [64, 80, 96, 128, 192, 256];
 ///   1.000 over d = 128 MHA + GQA at 512-4k keys (16 cells), so the short causal calls (0.75-0.82x
 ///   cuDNN at d = 128, 512-2k keys) do not lose in the masked steps' element code; their gap
 ///   was the launch order's L2 misses on dq_accum (the grouped order above, run 14).
-/// - Not kept (run 14 call 6): a deterministic main kernel (`_main_det`) compiled in the same
-///   translation unit, 0.95x FA2 in deterministic mode, but with it ptxas allocated the default
-///   d 80 / 96 / 128 kernels differently (identical PTX up to register numbering; d 128 255
-///   registers + 24 bytes of stack): -2.1% on their default calls. It needs its own image.
+/// - Deterministic mode (`_main_det`, run 14 calls 6-7): 0.95x FA2, 0.59x of the default. In the
+///   default kernels' translation unit it made ptxas allocate the default d 80 / 96 / 128 kernels
+///   differently (identical PTX up to register numbering; d 128 255 registers + 24 bytes of
+///   stack): -2.1% on their default calls. So it has a translation unit and image of its own
+///   (the default kernels' SASS is then identical to the tested one's).
 pub const fn sm90_bwd_tiles(head_dim: u32) -> &'static [Tile] {
     match head_dim {
         64 | 80 | 96 | 128 => &[tile!(64, 128, 8, 3)],

@@ -366,9 +366,8 @@ impl DispatchTable {
         self.resolve(key, Direction::Fwd, false)
     }
 
-    /// Like [`DispatchTable::lookup`] for a backward request (default mode: in deterministic mode
-    /// `flash_bwd` runs the sm80 family's cell of the key even where this returns an sm90 cell,
-    /// since the sm90 backward adds dQ with unordered reductions only).
+    /// Like [`DispatchTable::lookup`] for a backward request (both modes: a cell's deterministic
+    /// mode is a second main kernel in the same image).
     pub fn lookup_bwd(&self, key: &DispatchKey) -> Result<KernelRef> {
         self.resolve(key, Direction::Bwd, false)
     }

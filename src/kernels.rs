@@ -31,6 +31,9 @@ pub struct CellImage {
     pub fatbin: &'static [u8],
     /// Compressed fatbin holding compute_80 PTX (driver JIT), when built with `ptx-jit`.
     pub ptx: Option<&'static [u8]>,
+    /// Fatbin (SASS for `targets`) of the deterministic-mode main kernels (`_main_det`), compiled
+    /// in a translation unit of their own; only the sm90-family backward cells have one.
+    pub det_fatbin: Option<&'static [u8]>,
     /// SASS targets in `fatbin`.
     pub targets: &'static [Target],
     /// Kernel symbols (tile variants), most preferred first.

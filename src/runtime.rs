@@ -54,7 +54,7 @@ struct ContextState {
     cu_ctx: usize,
     info: DeviceInfo,
     /// Per image: [SASS fatbin module, PTX module].
-    modules: Vec<[OnceLock<std::result::Result<Module, DriverError>>; 2]>,
+    modules: Vec<[OnceLock<std::result::Result<Module, DriverError>>; 3]>,
 }
 
 fn states() -> &'static RwLock<Vec<Arc<ContextState>>> {
@@ -98,7 +98,10 @@ fn state(ctx: &Arc<CudaContext>) -> Result<Arc<ContextState>> {
         ctx: Arc::downgrade(ctx),
         cu_ctx: key,
         info,
-        modules: IMAGES.iter().map(|_| [OnceLock::new(), OnceLock::new()]).collect(),
+        modules: IMAGES
+            .iter()
+            .map(|_| [OnceLock::new(), OnceLock::new(), OnceLock::new()])
+            .collect(),
     });
     all.push(s.clone());
     Ok(s)
@@ -125,17 +128,38 @@ pub(crate) fn function(
     symbol: &'static str,
     smem_bytes: u32,
 ) -> Result<Function> {
+    function_in(stream, index, if ptx { 1 } else { 0 }, symbol, smem_bytes)
+}
+
+/// Like [`function`], from the image's deterministic-mode fatbin (`CellImage::det_fatbin`).
+pub(crate) fn det_function(
+    stream: &CudaStream,
+    index: usize,
+    symbol: &'static str,
+    smem_bytes: u32,
+) -> Result<Function> {
+    function_in(stream, index, 2, symbol, smem_bytes)
+}
+
+/// `part`: 0 the SASS fatbin, 1 the PTX fatbin, 2 the deterministic-mode fatbin.
+fn function_in(
+    stream: &CudaStream,
+    index: usize,
+    part: usize,
+    symbol: &'static str,
+    smem_bytes: u32,
+) -> Result<Function> {
     let ctx = stream.context();
     let st = state(ctx)?;
     ctx.bind_to_thread().map_err(Error::driver("binding the context"))?;
     let image = &IMAGES[index];
-    let slot = &st.modules[index][ptx as usize];
+    let slot = &st.modules[index][part];
     let module = slot
         .get_or_init(|| {
-            let bytes = if ptx {
-                image.ptx.expect("caller checked the PTX image exists")
-            } else {
-                image.fatbin
+            let bytes = match part {
+                0 => image.fatbin,
+                1 => image.ptx.expect("caller checked the PTX image exists"),
+                _ => image.det_fatbin.expect("caller checked the deterministic image exists"),
             };
             // SAFETY: `bytes` is a complete fatbin embedded with 64-byte alignment by build.rs.
             let handle = unsafe { result::module::load_data(bytes.as_ptr() as *const c_void) }?;

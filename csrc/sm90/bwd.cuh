@@ -19,6 +19,8 @@
 //                 forward (src/sm90_tma.rs) with box rows 64 (Q, dO) and BN (K, V).
 //   NAME_convert  grid (ceil(seqlen_q / 64), heads, batch), 256 threads: dq = scale * dq_accum
 //                 (this kernel's fragment-major order, below), and dsink as in the sm80 family.
+// Deterministic mode's main kernel, NAME_main_det (same grid and arguments as NAME_main), comes
+// from FA_SM90_BWD_DET_KERNEL (end of this file), which build.rs compiles into a second image.
 // Workspaces: the sm80 family's (csrc/sm80/bwd_tile.cuh, BwdWorkspace<64>): the same rows, the
 // same statistics; only the order of the 64 x D fp32 values inside a dq_accum block differs.
 //
@@ -45,7 +47,8 @@
 //   accumulator group c (columns BwdHalfCols::col(w, c) .. + 7), warp v, lane l sits in the
 //   float4 at index ((w D / 16 + c) 4 + v) 32 + l, as (row r, col k), (r, k + 1), (r + 8, k),
 //   (r + 8, k + 1) with r = 16 v + l / 4, k = col(w, c) + 2 (l % 4).
-// - Deterministic mode is the sm80 family's (src/bwd.rs routes it there).
+// - Deterministic mode: NAME_main_det (FA_SM90_BWD_DET_KERNEL at the end of this file, in an image
+//   of its own), which adds each query block's dQ in a fixed key-block order (bwd_dq_acquire).
 // ================================================================================================
 #pragma once
 
@@ -191,7 +194,45 @@ __device__ __forceinline__ sm80::BwdBlock bwd_block_sm90(const FaParams& p) {
     return sm80::bwd_block(p);
 }
 
-template <typename T, int D, int S, int SMEM>
+// Deterministic mode (the `_main_det` kernels): query block m's dQ contributions are added in
+// descending key-block order, as in the sm80 family (sm80::BwdMainloop::dq_rank; the same
+// per-(sequence, head, query block) counters, BwdWorkspace::semaphore, and the same reversed
+// launch order, sm80::bwd_block). Here each warpgroup adds its own dQ columns, so the counter
+// counts warpgroups: a warpgroup waits until both warpgroups of every higher key block that
+// visits m have added theirs (2 x rank), adds, then releases one count.
+template <int BM, int BN>
+__device__ __forceinline__ int bwd_dq_rank(const Mask& mask, int seqlen_q, int n_block, int m, int lane) {
+    int const n_end = (mask.seqlen_k + BN - 1) / BN;  // key blocks with keys of this sequence
+    int rank = 0;
+    for (int n0 = n_block + 1; n0 < n_end; n0 += 32) {
+        int const n = n0 + lane;
+        bool const visits = n < n_end && sm80::BwdQPlan::make<BM, BN>(mask, seqlen_q, n).visits(m);
+        rank += __popc(__ballot_sync(0xffffffffu, visits));
+    }
+    return rank;
+}
+
+// Before a warpgroup's dQ reductions of query block m (deterministic mode): wait for its turn
+// (rank: bwd_dq_rank, which lane 0 of the warpgroup needs).
+__device__ __forceinline__ void bwd_dq_acquire(const int* sem, int rank, int wg, int tw) {
+    if (tw < 32) {
+        if (tw == 0) {
+            while (::fa::ptx::ld_acquire_s32(sem) < 2 * rank) {
+            }
+        }
+        __syncwarp();
+    }
+    named_barrier_sync(2 + static_cast<uint32_t>(wg), 128);  // the warpgroup's reductions follow
+}
+
+// After them: every thread's reductions are ordered before the release.
+__device__ __forceinline__ void bwd_dq_release(int* sem, int wg, int tw) {
+    ::fa::ptx::fence_acq_rel_gpu();
+    named_barrier_sync(2 + static_cast<uint32_t>(wg), 128);
+    if (tw == 0) ::fa::ptx::red_release_add_s32(sem, 1);
+}
+
+template <typename T, int D, int S, int SMEM, bool kDet>
 __device__ __forceinline__ void bwd_main(const FaParams& p, const CUtensorMap* tma_q, const CUtensorMap* tma_k,
                                          const CUtensorMap* tma_v, const CUtensorMap* tma_do) {
     using L = BwdLayout<T, D, S>;
@@ -314,6 +355,9 @@ __device__ __forceinline__ void bwd_main(const FaParams& p, const CUtensorMap* t
         int const m = plan.m_begin + t % n_m;
         uint32_t const q_slab = base + L::kQOffset + static_cast<uint32_t>(stage) * QSlab::kStride;
         uint32_t const do_slab = base + L::kDoOffset + static_cast<uint32_t>(stage) * QSlab::kStride;
+        // Deterministic mode: this block's turn at query block m, computed here, where few
+        // registers are live (warp 0 of each warpgroup).
+        int const dq_rank = kDet && tw < 32 ? bwd_dq_rank<BM, BN>(mask, seq.seqlen_q, blk.n_block, m, tw) : 0;
         mbarrier_wait(bar_full0 + 8u * static_cast<uint32_t>(stage), static_cast<uint32_t>(t / S) & 1u);
 
         // ---- S^T = K_w Q^T, dP^T = V_w dO^T ----
@@ -462,10 +506,13 @@ __device__ __forceinline__ void bwd_main(const FaParams& p, const CUtensorMap* t
             float* const dq_block =
                 p.dq_accum + (Ws::row(p, h, seq.ws_row0) + static_cast<int64_t>(m) * BM) * D;
             float* const dst = dq_block + ((wg * (kDqN / 8)) * 4 + warp_in_wg) * 128 + lane * 4;
+            int* const sem = kDet ? Ws::semaphore(p, blk.b, h, m) : nullptr;
+            if constexpr (kDet) bwd_dq_acquire(sem, dq_rank, wg, tw);
 #pragma unroll
             for (int c = 0; c < kDqN / 8; ++c) {
                 ::fa::ptx::red_add_f32x4(dst + c * 512, dq[4 * c + 0], dq[4 * c + 1], dq[4 * c + 2], dq[4 * c + 3]);
             }
+            if constexpr (kDet) bwd_dq_release(sem, wg, tw);
         }
     }
 
@@ -547,8 +594,20 @@ __device__ __forceinline__ void bwd_convert(const FaParams& p) {
         NAME##_main(const __grid_constant__ FaParams p, const __grid_constant__ CUtensorMap tma_q,           \
                     const __grid_constant__ CUtensorMap tma_k, const __grid_constant__ CUtensorMap tma_v,    \
                     const __grid_constant__ CUtensorMap tma_do) {                                            \
-        ::fa::sm90::bwd_main_tile<T, D, BN, S, SMEM>(p, &tma_q, &tma_k, &tma_v, &tma_do);                    \
+        ::fa::sm90::bwd_main_tile<T, D, BN, S, SMEM, false>(p, &tma_q, &tma_k, &tma_v, &tma_do);             \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(::fa::sm90::kBwdThreads) NAME##_convert(const FaParams p) { \
         ::fa::sm90::bwd_convert<T, D>(p);                                                                    \
+    }
+
+// The deterministic main kernel of a tile (`NAME_main_det`, the same arguments as `NAME_main`).
+// It is compiled in a translation unit of its own (a second image of the cell, build/nvcc.rs):
+// beside the default kernels in one module it changed how ptxas allocated them (perf log run 14,
+// call 6: the same PTX up to register numbering, spills at d 96 / 128, -2.1%).
+#define FA_SM90_BWD_DET_KERNEL(NAME, T, D, BM, BN, W, S, SMEM)                                               \
+    extern "C" __global__ void __launch_bounds__((W) * 32, 1)                                                \
+        NAME##_main_det(const __grid_constant__ FaParams p, const __grid_constant__ CUtensorMap tma_q,       \
+                        const __grid_constant__ CUtensorMap tma_k, const __grid_constant__ CUtensorMap tma_v, \
+                        const __grid_constant__ CUtensorMap tma_do) {                                        \
+        ::fa::sm90::bwd_main_tile<T, D, BN, S, SMEM, true>(p, &tma_q, &tma_k, &tma_v, &tma_do);              \
     }

@@ -52,7 +52,7 @@ struct BwdWideLayout {
     static constexpr uint32_t kStepBytes = 2 * QSlab::kBytes + kStatStageBytes;
 };
 
-template <typename T, int D, int S, int SMEM>
+template <typename T, int D, int S, int SMEM, bool kDet>
 __device__ __forceinline__ void bwd_main_wide(const FaParams& p, const CUtensorMap* tma_q, const CUtensorMap* tma_k,
                                               const CUtensorMap* tma_v, const CUtensorMap* tma_do) {
     using L = BwdWideLayout<T, D, S>;
@@ -175,6 +175,7 @@ __device__ __forceinline__ void bwd_main_wide(const FaParams& p, const CUtensorM
         int const m = plan.m_begin + t % n_m;
         uint32_t const q_slab = base + L::kQOffset + static_cast<uint32_t>(stage) * QSlab::kStride;
         uint32_t const do_slab = base + L::kDoOffset + static_cast<uint32_t>(stage) * QSlab::kStride;
+        int const dq_rank = kDet && tw < 32 ? bwd_dq_rank<BM, BN>(mask, seq.seqlen_q, blk.n_block, m, tw) : 0;
         mbarrier_wait(bar_full0 + 8u * static_cast<uint32_t>(stage), static_cast<uint32_t>(t / S) & 1u);
 
         // ---- S^T = K Q_w^T, dP^T = V dO_w^T (this warpgroup's 32 queries) ----
@@ -308,16 +309,23 @@ __device__ __forceinline__ void bwd_main_wide(const FaParams& p, const CUtensorM
                                              QSlab::desc_mn_major(q_slab + q_off2, kk), 1u);
         }
         wgmma_commit();
-        wgmma_wait<1>();
+        if constexpr (kDet) {
+            wgmma_wait<0>();  // no wgmma in flight across the wait for this block's turn
+        } else {
+            wgmma_wait<1>();
+        }
         fence_operands(dq);
         {
             float* const dq_block =
                 p.dq_accum + (Ws::row(p, h, seq.ws_row0) + static_cast<int64_t>(m) * BM) * D;
             float* const dst = dq_block + ((wg * (kHalf / 8)) * 4 + warp_in_wg) * 128 + lane * 4;
+            int* const sem = kDet ? Ws::semaphore(p, blk.b, h, m) : nullptr;
+            if constexpr (kDet) bwd_dq_acquire(sem, dq_rank, wg, tw);
 #pragma unroll
             for (int c = 0; c < kHalf / 8; ++c) {
                 ::fa::ptx::red_add_f32x4(dst + c * 512, dq[4 * c + 0], dq[4 * c + 1], dq[4 * c + 2], dq[4 * c + 3]);
             }
+            if constexpr (kDet) bwd_dq_release(sem, wg, tw);
         }
         wgmma_wait<0>();
         fence_operands(dv);
@@ -351,14 +359,14 @@ __device__ __forceinline__ void bwd_main_wide(const FaParams& p, const CUtensorM
 
 // The main kernel of tile BN: bwd_main (BN = 128) or bwd_main_wide (BN = 64). A template, so
 // that only the chosen one is instantiated.
-template <typename T, int D, int BN, int S, int SMEM>
+template <typename T, int D, int BN, int S, int SMEM, bool kDet>
 __device__ __forceinline__ void bwd_main_tile(const FaParams& p, const CUtensorMap* tma_q, const CUtensorMap* tma_k,
                                               const CUtensorMap* tma_v, const CUtensorMap* tma_do) {
     if constexpr (BN == kBwdBN) {
-        bwd_main<T, D, S, SMEM>(p, tma_q, tma_k, tma_v, tma_do);
+        bwd_main<T, D, S, SMEM, kDet>(p, tma_q, tma_k, tma_v, tma_do);
     } else {
         static_assert(BN == kBwdWideBN, "the sm90 backward's key blocks are 128 or 64 rows");
-        bwd_main_wide<T, D, S, SMEM>(p, tma_q, tma_k, tma_v, tma_do);
+        bwd_main_wide<T, D, S, SMEM, kDet>(p, tma_q, tma_k, tma_v, tma_do);
     }
 }
 

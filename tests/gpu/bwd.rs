@@ -230,28 +230,6 @@ fn cell_tests<T: HostElem>(cell: Cell, has_ptx: bool, tests: &mut Vec<Test<Gpu>>
     det_window.sink_logits = false;
     let mut det_varlen = det.clone();
     det_varlen.varlen = Some((vec![1500, 300, 1], vec![1700, 299, 64]));
-    if !sm80 {
-        // The sm90 backward has no deterministic mode: such calls run the sm80 family's, and say so.
-        let mut small = Case::new(113, 203, d);
-        small.mask = Mask::Causal(CausalAlign::BottomRight);
-        small.sink_logits = true;
-        tests.push(Test::new(format!("bwd::{key}::deterministic_runs_sm80"), move |g| {
-            let info = check_bwd_vs_cpu_info::<T>(
-                g,
-                &small,
-                WhichBwd::Flash {
-                    deterministic: true,
-                    ov: KernelOverride::default(),
-                },
-            )?;
-            let want = Cell {
-                family: Family::Sm80,
-                ..cell
-            };
-            expect_cell(&info, &want)
-        }));
-        return;
-    }
     for (name, case) in [("dense", det), ("window_sinks", det_window), ("varlen", det_varlen)] {
         tests.push(Test::new(format!("bwd::{key}::deterministic_{name}"), move |g| {
             check_bwd_bitwise_reruns::<T>(g, &case, flash(fam, true), 10, ULPS)
