@@ -98,14 +98,14 @@ def matmul_tflops(iters):
     return 2 * 8192**3 / ms / 1e9
 
 
-def configs(quick, head_dims):
+def configs(quick, head_dims, gqa=True):
     seqlens = [2048, 8192] if quick else [512, 1024, 2048, 4096, 8192, 16384]
     out = []
     for d in head_dims:
         for causal in (False, True):
             for s in seqlens:
                 out.append((d, causal, s, 2048 // d, 2048 // d))
-    for causal in (False, True):
+    for causal in (False, True) if gqa else ():
         for s in seqlens:
             out.append((128, causal, s, 32, 8))
     return out
@@ -123,6 +123,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="--lib: alternating rounds per cell")
     ap.add_argument("--layout", choices=["bshd", "bhsd"], default="bshd", help="--lib: tensor layout")
     ap.add_argument("--family", choices=["auto", "sm80"], default="auto", help="--lib: our family (forward and backward)")
+    ap.add_argument("--no-gqa", action="store_true", help="leave out the GQA 32/8 rows at head dim 128")
+    ap.add_argument("--variant", type=int, default=None, help="--lib: force our tile variant i (index into the cell's kernels)")
     ap.add_argument("--deterministic", action="store_true", help="--lib --bwd: our deterministic mode")
     ap.add_argument("--lib-b", help="--lib: a second build of libpyffi.so, timed alongside (A/B of our own versions)")
     ap.add_argument("--seqlens", help="--lib: comma-separated sequence lengths instead of the grid's")
@@ -223,7 +225,7 @@ def run_lib(a):
     libs = {"ours": ours, "ours_b": ours_b} if ours_b else {"ours": ours}
     dev = torch.cuda.get_device_name()
     mm = matmul_tflops(a.iters)
-    family = 1 if a.family == "sm80" else 0
+    family = (1 if a.family == "sm80" else 0) + (256 * (a.variant + 1) if a.variant is not None else 0)
     print(f"device: {dev}; same process, {a.rounds} alternating rounds per cell ({a.warmup_ms:.0f} ms warm-up each), "
           f"layout {a.layout}, family "
           f"{a.family}{', deterministic' if a.deterministic else ''}; bf16 matmul 8192^3: {mm:.0f} TFLOP/s; "
@@ -232,7 +234,7 @@ def run_lib(a):
            f"{'ours/FA2':>8} {'ours/cuDNN':>10} {'maxdiff':>8}" + (f" {'ours_b':>7} {'b/a':>5}" if ours_b else ""))
     print(hdr)
     rows = []
-    cells = configs(a.quick, [int(x) for x in a.head_dims.split(",")])
+    cells = configs(a.quick, [int(x) for x in a.head_dims.split(",")], not a.no_gqa)
     if a.seqlens:
         keep = {int(x) for x in a.seqlens.split(",")}
         cells = [c for c in cells if c[2] in keep]

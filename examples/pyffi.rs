@@ -124,7 +124,8 @@ impl Shape {
     }
 }
 
-/// `causal` 0 = none, 1 = bottom-right; `family` 0 = the device's default, 1 = sm80 family.
+/// `causal` 0 = none, 1 = bottom-right; `family` 0 = the device's default, 1 = sm80 family, plus
+/// 256 * (i + 1) to force tile variant i (`KernelOverride::variant`).
 fn options(causal: i32, family: i32) -> Result<(FwdOptions<'static>, KernelOverride), String> {
     let mut opts = FwdOptions::new();
     match causal {
@@ -132,12 +133,19 @@ fn options(causal: i32, family: i32) -> Result<(FwdOptions<'static>, KernelOverr
         1 => opts = opts.causal(CausalAlign::BottomRight),
         _ => return Err(format!("causal {causal}: 0 or 1")),
     }
+    // Low byte: the family; the bits above it, when not 0: tile variant + 1 (KernelOverride::variant).
+    let variant = (family >> 8) as usize;
     let over = KernelOverride {
-        family: match family {
+        family: match family & 0xff {
             0 => None,
             1 => Some(Family::Sm80),
-            _ => return Err(format!("family {family}: 0 (default) or 1 (sm80)")),
+            _ => {
+                return Err(format!(
+                    "family {family}: 0 (default) or 1 (sm80), plus 256 * (variant + 1)"
+                ));
+            }
         },
+        variant: variant.checked_sub(1),
         ..Default::default()
     };
     Ok((opts, over))
