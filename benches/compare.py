@@ -151,7 +151,7 @@ def main():
     rows = []
     hdr = f"{'hdim':>4} {'causal':>6} {'seqlen':>6} {'h/hk':>6} {'ours':>7} {'FA2':>7} {'cuDNN':>7} {'ours/FA2':>8} {'ours/cuDNN':>10}"
     print(hdr)
-    for d, causal, s, h, hk in configs(a.quick, [int(x) for x in a.head_dims.split(",")]):
+    for d, causal, s, h, hk in configs(a.quick, [int(x) for x in a.head_dims.split(",")], not a.no_gqa):
         b = 16384 // s
         q = torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=a.bwd)
         k = torch.randn(b, hk, s, d, device="cuda", dtype=torch.bfloat16, requires_grad=a.bwd)
