@@ -53,7 +53,7 @@ struct ContextState {
     ctx: Weak<CudaContext>,
     cu_ctx: usize,
     info: DeviceInfo,
-    /// Per image: [SASS fatbin module, PTX module].
+    /// Per image, indexed by [`Part`]: the SASS fatbin, PTX and deterministic-mode modules.
     modules: Vec<[OnceLock<std::result::Result<Module, DriverError>>; 3]>,
 }
 
@@ -100,7 +100,7 @@ fn state(ctx: &Arc<CudaContext>) -> Result<Arc<ContextState>> {
         info,
         modules: IMAGES
             .iter()
-            .map(|_| [OnceLock::new(), OnceLock::new(), OnceLock::new()])
+            .map(|_| std::array::from_fn(|_| OnceLock::new()))
             .collect(),
     });
     all.push(s.clone());
@@ -128,7 +128,13 @@ pub(crate) fn function(
     symbol: &'static str,
     smem_bytes: u32,
 ) -> Result<Function> {
-    function_in(stream, index, if ptx { 1 } else { 0 }, symbol, smem_bytes)
+    function_in(
+        stream,
+        index,
+        if ptx { Part::Ptx } else { Part::Sass },
+        symbol,
+        smem_bytes,
+    )
 }
 
 /// Like [`function`], from the image's deterministic-mode fatbin (`CellImage::det_fatbin`).
@@ -138,14 +144,24 @@ pub(crate) fn det_function(
     symbol: &'static str,
     smem_bytes: u32,
 ) -> Result<Function> {
-    function_in(stream, index, 2, symbol, smem_bytes)
+    function_in(stream, index, Part::Det, symbol, smem_bytes)
 }
 
-/// `part`: 0 the SASS fatbin, 1 the PTX fatbin, 2 the deterministic-mode fatbin.
+/// Which of an image's embedded fatbins a module is loaded from (`ContextState::modules` index).
+#[derive(Clone, Copy)]
+enum Part {
+    /// `CellImage::fatbin`.
+    Sass = 0,
+    /// `CellImage::ptx` (driver JIT).
+    Ptx = 1,
+    /// `CellImage::det_fatbin`.
+    Det = 2,
+}
+
 fn function_in(
     stream: &CudaStream,
     index: usize,
-    part: usize,
+    part: Part,
     symbol: &'static str,
     smem_bytes: u32,
 ) -> Result<Function> {
@@ -153,13 +169,13 @@ fn function_in(
     let st = state(ctx)?;
     ctx.bind_to_thread().map_err(Error::driver("binding the context"))?;
     let image = &IMAGES[index];
-    let slot = &st.modules[index][part];
+    let slot = &st.modules[index][part as usize];
     let module = slot
         .get_or_init(|| {
             let bytes = match part {
-                0 => image.fatbin,
-                1 => image.ptx.expect("caller checked the PTX image exists"),
-                _ => image.det_fatbin.expect("caller checked the deterministic image exists"),
+                Part::Sass => image.fatbin,
+                Part::Ptx => image.ptx.expect("caller checked the PTX image exists"),
+                Part::Det => image.det_fatbin.expect("caller checked the deterministic image exists"),
             };
             // SAFETY: `bytes` is a complete fatbin embedded with 64-byte alignment by build.rs.
             let handle = unsafe { result::module::load_data(bytes.as_ptr() as *const c_void) }?;
