@@ -797,6 +797,10 @@ pub const fn sm80_bwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u3
 ///   (tiles starting together then walk the same keys) changed nothing (1.00x over the grid,
 ///   L2 hit rate 87%), and 16 MB L2 sections instead of 32 were 0.996x (d 256 causal 2k-8k -4
 ///   to -8%). Neither kept.
+/// - d = 64: two consumer WGs with wider KV blocks, 128 x 192 x 3 and 128 x 176 x 3 (spill-free),
+///   ran ~15% slower than 192 x 128 (H200, 2026-12-04, `--variant`, ours / cuDNN over 1k / 4k /
+///   16k, both masks: 0.913 and 0.939 against 1.064-1.083; perf log run 16). 192 x 144 does not
+///   fit: ptxas serialises its wgmmas (C7512) and spills 64 bytes.
 /// - d = 64: the second tile, 128 x 128 with 2 consumer WGs, ran causal calls up to 1k keys
 ///   until the third, 192 x 128's lead kernel ([`Tile::lead`]), took every causal call.
 /// - d = 256: the second tile is the first one's lead kernel, for causal calls.

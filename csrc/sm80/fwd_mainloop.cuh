@@ -463,6 +463,9 @@ struct FwdMainloop {
     //   faster.
     // Measured on H100 (bf16, full grid, session 3 of 2026-11-22, three runs each alternating
     // with HEAD): geometric mean +2.0% (d = 64 +1-7%, 80 -2..+7%, 96 +0-5%, 128 +0-6%).
+    // Tried, not kept (H200, 2026-12-04, perf log run 16): at d = 256 the V refill of unmasked
+    // steps issued one copy pass at a time between the MMAs of the first P V k-step, against the
+    // write-after-read stall on the last refill address (3.65% of samples in run 15): 0.988.
     enum class Refill { kEarly, kLate, kSplit };
     static constexpr Refill kRefill =
         kWideQInRegs && !kWideBlockChunk ? Refill::kEarly

@@ -176,6 +176,11 @@ __device__ __forceinline__ void fwd_kernel(const FaParams& p, const CUtensorMap*
             // Without the lead pass the loop reads w itself (wl is dead): the general kernels
             // compile as they did before the pass existed.
             Work const& wm = kLead ? wl : w;
+            // Tried, not kept (perf log run 16): mma_tile specialised on "no score modifier",
+            // chosen here per tile. With O defined on two paths ptxas serialises every wgmma
+            // (C7515): 0.83. Specialising the whole tile loop instead avoids that but spills
+            // 24 / 72 bytes at d 64 / 128, for a test of about 5 of the ~600 instructions of a
+            // d 64 iteration.
             consumer.mma_tile(p, wm, sm, bars, ScoreMod(p, w.coord.batch, w.coord.head), softmax, o);
 
             // The epilogue re-reads the tile's coordinate and re-derives the tile rather than

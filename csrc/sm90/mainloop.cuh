@@ -183,6 +183,11 @@ struct Mainloop {
         }
 
         // Ping-pong turn: wait for it before issuing GEMMs, pass it on right after issuing.
+        // Tried, not kept (H200, 2026-12-04, same-process A/B in both orders, perf log run 16):
+        // no turns at d 192 / 256, as FlashAttention-3 / -4 do above d 128 (0.997 over 16 cells
+        // at 1k-16k); no turns at d 64 (0.942, and ptxas spills 40-52 bytes); O rescaled inside
+        // the turn, between the Q.K^T and the P.V issue (FlashAttention-4 above d 128), at every
+        // head dim (0.995 over d 64 / 128 / 256 + GQA; d 256 0.986-1.002).
         __device__ __forceinline__ void turn_wait() const {
             named_barrier_sync(barrier_id(NamedBarrier::TurnWG0, wg), 2 * kThreadsPerWarpgroup);
         }

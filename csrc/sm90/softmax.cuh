@@ -145,6 +145,10 @@ struct OnlineSoftmax {
 // docs/perf-log.md run 11): every 4th column group -6.5% at d 64 / 128, every 8th -3.0%, every
 // 8th at d 80 / 96 / 192 / 256 -1.7%. So the MUFU is not what limits these kernels; presumably
 // instruction issue is (the coordinate feed, which only removed instructions, gained 3%).
+//
+// Tried, not kept: the row sums from the tensor cores (one m64n8k16 RS wgmma per k16 step of P.V,
+// B = a block of ones in smem) instead of the FADDs, at d 64 (H200, 2026-12-04, perf log run
+// 16): 0.993, and bf16 LSE errors of 1.1e-3 to 2.0e-3 (the denominator then sums bf16-rounded P).
 template <int D, int BN>
 using TileSoftmax = OnlineSoftmax<BN, BN == 176 ? 2 : 0>;
 
