@@ -27,6 +27,35 @@ struct PaddedRows {
                   "the row pitch must be an odd number of 16-byte chunks to keep ldmatrix conflict-free");
 };
 
+// K / V rows of D = 64, 128, 192, 256 elements stored with a pitch of D elements (whole
+// 128-byte lines) and the 16-byte chunks of each row XOR-swizzled: logical chunk c of row r sits
+// at chunk c ^ (r % 8). The 8 row addresses of one ldmatrix phase still fall in 8 distinct
+// 16-byte bank groups, and each 128-byte global segment of a cp.async copy lands in one 128-byte
+// smem line. With padded rows (pitch D + 8) every 128-byte segment straddles two lines: ncu
+// counted 10.5 shared-memory wavefronts per 512-byte LDGSTS instead of 4 (d = 256; perf log
+// runs 15 / 16).
+//
+// Addresses, for a tile whose start is 128-byte aligned: a lane that reads logical chunk
+// 2 j + h of row r (j = k-step, h = which 8-column half of the k16 step, from the lane index)
+// computes once `lane = r * pitch + 32 (r % 8 / 2) + 16 (h ^ (r % 2))`; k-step j then reads
+// `(tile + lane) ^ (32 (j % 4))` plus `128 (j / 4)`.
+template <int PITCH>
+struct SwizzledKvLane {
+    static_assert(PITCH % 128 == 0, "swizzled rows are whole 128-byte lines");
+    __device__ __forceinline__ static uint32_t at(int row, int half) {
+        const int r = row % 8;
+        return row * PITCH + 32 * (r / 2) + 16 * (half ^ (r % 2));
+    }
+    // B operand from a row-major [n][k] tile (K): rows (lane % 8) + 8 (lane / 16), half (lane / 8) % 2.
+    __device__ __forceinline__ static uint32_t b_x4(int lane) { return at((lane % 8) + 8 * (lane / 16), (lane / 8) % 2); }
+    // B operand from a row-major [k][n] tile (V) through .trans: rows (lane % 8) + 8 ((lane / 8) % 2), half lane / 16.
+    __device__ __forceinline__ static uint32_t bt_x4(int lane) { return at((lane % 8) + 8 * ((lane / 8) % 2), lane / 16); }
+    // The address of k16 step (or d-tile pair) j from a lane address made by b_x4 / bt_x4.
+    __device__ __forceinline__ static uint32_t step(uint32_t lane_addr, int j) {
+        return (lane_addr ^ static_cast<uint32_t>(32 * (j % 4))) + static_cast<uint32_t>(128 * (j / 4));
+    }
+};
+
 // Dynamic shared memory of one forward thread block (byte offsets):
 //   q: [BM][D + 8]                   the block's queries; later each warp's output staging area
 //   k: [S][BN][D + 8]                K pipeline stages
@@ -35,7 +64,9 @@ struct PaddedRows {
 //
 // The 16-byte pad that ends each row is never touched by the tile copy, ldmatrix or the
 // epilogue; the pads of Q rows 0..3 hold the block's FwdWalkState (four 16-byte lines; five for
-// the paged kernels' FwdPagedWalkState).
+// the paged kernels' FwdPagedWalkState). Where FwdMainloop::kSwizzleKv holds, each K / V stage
+// keeps this size but stores its rows swizzled with a pitch of D elements (SwizzledKvLane); the
+// last BN * 16 bytes of the stage are unused.
 template <class T, int D, int BM, int BN, int S>
 struct FwdSmem {
     static constexpr int kPitchBytes = PaddedRows<T, D>::kPitchBytes;
@@ -60,9 +91,10 @@ struct FwdSmem {
 // then covers whole 32-byte sectors (adjacent lanes take adjacent chunks), and all per-chunk
 // offsets are compile-time immediates off one smem address, one global pointer and one row
 // index per thread (nothing per chunk stays live in registers).
-template <class T, int ROWS, int D, int THREADS, bool kRolledRaggedCopy = false>
+template <class T, int ROWS, int D, int THREADS, bool kRolledRaggedCopy = false, bool kSwizzle = false>
 struct GmemToSmemTile {
-    static constexpr int kPitchBytes = PaddedRows<T, D>::kPitchBytes;
+    // kSwizzle: rows of D elements with XOR-swizzled chunks (SwizzledKvLane), else padded rows.
+    static constexpr int kPitchBytes = kSwizzle ? D * static_cast<int>(sizeof(T)) : PaddedRows<T, D>::kPitchBytes;
     static constexpr int kElemsPerChunk = 16 / static_cast<int>(sizeof(T));
     static constexpr int kChunksPerRow = D / kElemsPerChunk;
     static constexpr int kThreadsPerRow = kChunksPerRow & -kChunksPerRow;  // lowest set bit
@@ -72,6 +104,18 @@ struct GmemToSmemTile {
     static_assert(D % kElemsPerChunk == 0, "a row must be a whole number of 16-byte cp.async chunks");
     static_assert(THREADS % kThreadsPerRow == 0, "the threads of a row must tile the block");
     static_assert(ROWS % kRowsPerPass == 0, "every thread must copy the same number of rows of a tile");
+    static_assert(!kSwizzle || (kPitchBytes % 128 == 0 && kThreadsPerRow % 8 == 0 && kRowsPerPass % 4 == 0),
+                  "the swizzled copy: whole 128-byte lines, 8-chunk groups per thread row, and a pass "
+                  "stride whose row % 8 change is an XOR");
+    // Byte-offset XOR of pass i's chunks: row + i * kRowsPerPass has row % 8 XOR ((i * kRowsPerPass) % 8)
+    // (kRowsPerPass % 4 == 0), which moves the chunk by that XOR.
+    __device__ __forceinline__ static uint32_t pass_xor(int i) {
+        return kSwizzle ? static_cast<uint32_t>((i * kRowsPerPass) % 8) * 16u : 0u;
+    }
+    // This thread's first destination: row `row`, chunk `col_chunk` (swizzled by row % 8).
+    __device__ __forceinline__ static uint32_t thread_dst(uint32_t smem_tile, int row, int col_chunk) {
+        return smem_tile + row * kPitchBytes + (kSwizzle ? (col_chunk ^ (row % 8)) : col_chunk) * 16;
+    }
 
     // Copies rows [0, rows_valid) of the tile starting at `gmem` and zero-fills rows
     // [rows_valid, ROWS) (their source is never read). Needs rows_valid >= 1: row 0's address
@@ -85,7 +129,7 @@ struct GmemToSmemTile {
         // Opaque stride: the per-pass offsets below are recomputed at each call instead of being
         // hoisted out of the KV loop as kPasses live 64-bit registers per tensor.
         const int64_t stride = ptx::opaque_i64(row_stride);
-        const uint32_t smem_thread = smem_tile + row * kPitchBytes + col_chunk * 16;
+        const uint32_t smem_thread = thread_dst(smem_tile, row, col_chunk);
         const T* gmem_thread = gmem + row * stride + col_chunk * kElemsPerChunk;
         const int64_t pass_stride = kRowsPerPass * stride;
         const int rows_left = rows_valid - row;  // pass i is valid iff i * kRowsPerPass < rows_left
@@ -96,7 +140,7 @@ struct GmemToSmemTile {
                 const T* src_row = valid ? gmem_thread + i * pass_stride : gmem;
 #pragma unroll
                 for (int j = 0; j < kChunksPerThreadRow; ++j) {
-                    ptx::cp_async_cg_16(smem_thread + i * kRowsPerPass * kPitchBytes + j * kThreadsPerRow * 16,
+                    ptx::cp_async_cg_16((smem_thread ^ pass_xor(i)) + i * kRowsPerPass * kPitchBytes + j * kThreadsPerRow * 16,
                                         src_row + j * kThreadsPerRow * kElemsPerChunk, valid);
                 }
             }
@@ -110,7 +154,7 @@ struct GmemToSmemTile {
                 const T* src = valid ? src_row : gmem;
 #pragma unroll
                 for (int j = 0; j < kChunksPerThreadRow; ++j) {
-                    ptx::cp_async_cg_16(smem_thread + i * kRowsPerPass * kPitchBytes + j * kThreadsPerRow * 16,
+                    ptx::cp_async_cg_16((smem_thread ^ pass_xor(i)) + i * kRowsPerPass * kPitchBytes + j * kThreadsPerRow * 16,
                                         src + j * kThreadsPerRow * kElemsPerChunk, valid);
                 }
                 src_row += pass_stride;
@@ -129,7 +173,7 @@ struct GmemToSmemTile {
                                                        int row0, int rows_valid, int tid) {
         const int row = tid / kThreadsPerRow;
         const int col_chunk = tid % kThreadsPerRow;
-        const uint32_t smem_thread = smem_tile + row * kPitchBytes + col_chunk * 16;
+        const uint32_t smem_thread = thread_dst(smem_tile, row, col_chunk);
         const T* base_thread = base + col_chunk * kElemsPerChunk;
         const int rows_left = rows_valid - row;
         int page = (row0 + row) / page_size;
@@ -146,7 +190,7 @@ struct GmemToSmemTile {
             }
 #pragma unroll
             for (int j = 0; j < kChunksPerThreadRow; ++j) {
-                ptx::cp_async_cg_16(smem_thread + i * kRowsPerPass * kPitchBytes + j * kThreadsPerRow * 16,
+                ptx::cp_async_cg_16((smem_thread ^ pass_xor(i)) + i * kRowsPerPass * kPitchBytes + j * kThreadsPerRow * 16,
                                     src_row + j * kThreadsPerRow * kElemsPerChunk, valid);
             }
             slot += kRowsPerPass;
@@ -176,7 +220,17 @@ struct LdmatrixLane {
 
 // s[MT][NT] += Q_warp (16*MT x D) * K_tile^T (D x 8*NT), both from padded smem.
 // q_lane / k_lane: this lane's ldmatrix addresses (tile start + LdmatrixLane::a_x4 / b_x4).
-template <class T, int MT, int NT, int D, int PITCH>
+// K's address for k-step kk and n-tile pair np: padded rows (pitch KPITCH), or swizzled (kSw).
+template <int KPITCH, bool kSw>
+__device__ __forceinline__ uint32_t k_addr(uint32_t k_lane, int np, int kk) {
+    if constexpr (kSw) {
+        return SwizzledKvLane<KPITCH>::step(k_lane, kk) + np * 16 * KPITCH;
+    } else {
+        return k_lane + np * 16 * KPITCH + kk * 32;
+    }
+}
+
+template <class T, int MT, int NT, int D, int PITCH, int KPITCH = PITCH, bool kSw = false>
 __device__ __forceinline__ void warp_gemm_qk(float (&s)[MT][NT][4], uint32_t q_lane, uint32_t k_lane) {
     static_assert(D % 16 == 0 && NT % 2 == 0, "Q K^T walks k-steps of 16 and loads K n-tiles in pairs");
 #pragma unroll
@@ -189,7 +243,7 @@ __device__ __forceinline__ void warp_gemm_qk(float (&s)[MT][NT][4], uint32_t q_l
 #pragma unroll
         for (int np = 0; np < NT / 2; ++np) {
             uint32_t r[4];
-            ptx::ldmatrix_x4(r, k_lane + np * 16 * PITCH + kk * 32);
+            ptx::ldmatrix_x4(r, k_addr<KPITCH, kSw>(k_lane, np, kk));
             const uint32_t k_frag0[2] = {r[0], r[1]};
             const uint32_t k_frag1[2] = {r[2], r[3]};
 #pragma unroll
@@ -212,7 +266,7 @@ __device__ __forceinline__ void load_q_frags(uint32_t (&q_frag)[MT][KQ][4], uint
 }
 
 // warp_gemm_qk with Q from registers (load_q_frags): only K comes from smem.
-template <class T, int MT, int NT, int D, int PITCH>
+template <class T, int MT, int NT, int D, int PITCH, int KPITCH = PITCH, bool kSw = false>
 __device__ __forceinline__ void warp_gemm_qk_rq(float (&s)[MT][NT][4], const uint32_t (&q_frag)[MT][D / 16][4],
                                                 uint32_t k_lane) {
     static_assert(D % 16 == 0 && NT % 2 == 0, "Q K^T walks k-steps of 16 and loads K n-tiles in pairs");
@@ -221,7 +275,7 @@ __device__ __forceinline__ void warp_gemm_qk_rq(float (&s)[MT][NT][4], const uin
 #pragma unroll
         for (int np = 0; np < NT / 2; ++np) {
             uint32_t r[4];
-            ptx::ldmatrix_x4(r, k_lane + np * 16 * PITCH + kk * 32);
+            ptx::ldmatrix_x4(r, k_addr<KPITCH, kSw>(k_lane, np, kk));
             const uint32_t k_frag0[2] = {r[0], r[1]};
             const uint32_t k_frag1[2] = {r[2], r[3]};
 #pragma unroll
@@ -235,7 +289,7 @@ __device__ __forceinline__ void warp_gemm_qk_rq(float (&s)[MT][NT][4], const uin
 
 // warp_gemm_qk with the first KQ < D / 16 k16 steps of Q from registers (load_q_frags) and the
 // rest from smem (q_lane: as for warp_gemm_qk).
-template <class T, int MT, int NT, int D, int KQ, int PITCH>
+template <class T, int MT, int NT, int D, int KQ, int PITCH, int KPITCH = PITCH, bool kSw = false>
 __device__ __forceinline__ void warp_gemm_qk_partial_rq(float (&s)[MT][NT][4], const uint32_t (&q_regs)[MT][KQ][4],
                                                         uint32_t q_lane, uint32_t k_lane) {
     static_assert(D % 16 == 0 && NT % 2 == 0, "Q K^T walks k-steps of 16 and loads K n-tiles in pairs");
@@ -250,7 +304,7 @@ __device__ __forceinline__ void warp_gemm_qk_partial_rq(float (&s)[MT][NT][4], c
 #pragma unroll
         for (int np = 0; np < NT / 2; ++np) {
             uint32_t r[4];
-            ptx::ldmatrix_x4(r, k_lane + np * 16 * PITCH + kk * 32);
+            ptx::ldmatrix_x4(r, k_addr<KPITCH, kSw>(k_lane, np, kk));
             const uint32_t k_frag0[2] = {r[0], r[1]};
             const uint32_t k_frag1[2] = {r[2], r[3]};
 #pragma unroll
@@ -268,7 +322,7 @@ __device__ __forceinline__ void warp_gemm_qk_partial_rq(float (&s)[MT][NT][4], c
 // o[MT][DT] += P (16*MT x 8*NT, fp32 accumulator fragments, converted here) * V_tile (8*NT x 8*DT).
 // The accumulator layout of two adjacent n8 tiles of P is exactly the A layout of one k16 step,
 // so P never leaves registers. v_lane: tile start + LdmatrixLane::bt_x4.
-template <class T, int MT, int NT, int DT, int PITCH>
+template <class T, int MT, int NT, int DT, int PITCH, bool kSw = false>
 __device__ __forceinline__ void warp_gemm_pv(float (&o)[MT][DT][4], const float (&p)[MT][NT][4], uint32_t v_lane) {
     static_assert(NT % 2 == 0 && DT % 2 == 0, "P V walks k-steps of 16 keys and loads V d-tiles in pairs");
 #pragma unroll
@@ -284,7 +338,11 @@ __device__ __forceinline__ void warp_gemm_pv(float (&o)[MT][DT][4], const float 
 #pragma unroll
         for (int dp = 0; dp < DT / 2; ++dp) {
             uint32_t r[4];
-            ptx::ldmatrix_x4_trans(r, v_lane + kk * 16 * PITCH + dp * 32);
+            if constexpr (kSw) {
+                ptx::ldmatrix_x4_trans(r, SwizzledKvLane<PITCH>::step(v_lane, dp) + kk * 16 * PITCH);
+            } else {
+                ptx::ldmatrix_x4_trans(r, v_lane + kk * 16 * PITCH + dp * 32);
+            }
             const uint32_t v_frag0[2] = {r[0], r[1]};
             const uint32_t v_frag1[2] = {r[2], r[3]};
 #pragma unroll
@@ -437,7 +495,34 @@ struct FwdMainloop {
     // unchanged (the extra group is the oldest).
     static constexpr bool kQGroup = kWideQInRegs;
     // With Q in registers at d = 256 the unrolled ragged K/V copy (masked steps) spills.
-    using KvCopy = GmemToSmemTile<T, BN, D, kThreads, /*kRolledRaggedCopy=*/kWideQInRegs>;
+    // K / V rows swizzled (SwizzledKvLane) where the head dim is whole 128-byte lines and the K
+    // stage pads are not needed for parked row sums; Q keeps padded rows (its pads hold the walk
+    // state, and Q is copied once per block). The stages keep their padded size (src/cells.rs
+    // `sm80_fwd_smem_bytes`). Measured on H200 (2026-12-04, bf16, same-process A/B in both
+    // orders, perf log run 16 call 9): d = 256 +6-12% on all 6 cells (1k / 4k / 16k, both
+    // masks), d = 64 +2-6%, d = 128 on its 128 x 64 tile (padded, unchanged) 0.97-1.02; 1.033
+    // over 24 cells. A diagnostic build that only aligned the copy's rows (call 8, wrong
+    // results) had shown +11-12% at d = 256 and +15% on its 64 x 64 tile.
+    static constexpr bool kSwizzleKv = (D * static_cast<int>(sizeof(T))) % 128 == 0 && !kParkRowSums;
+    static constexpr int kKvPitch = kSwizzleKv ? D * static_cast<int>(sizeof(T)) : kPitch;
+    static_assert(!kSwizzleKv || (Smem::kKOffset % 128 == 0 && Smem::kKvStageBytes % 128 == 0),
+                  "swizzled K / V stages start on 128-byte lines (the smem base is 128-byte aligned)");
+    using KvCopy = GmemToSmemTile<T, BN, D, kThreads, /*kRolledRaggedCopy=*/kWideQInRegs, kSwizzleKv>;
+    // This lane's K (b_x4) and V (bt_x4) ldmatrix offsets inside a stage.
+    __device__ __forceinline__ static uint32_t k_lane_offset(int lane) {
+        if constexpr (kSwizzleKv) {
+            return SwizzledKvLane<kKvPitch>::b_x4(lane);
+        } else {
+            return Lane::b_x4(lane);
+        }
+    }
+    __device__ __forceinline__ static uint32_t v_lane_offset(int lane) {
+        if constexpr (kSwizzleKv) {
+            return SwizzledKvLane<kKvPitch>::bt_x4(lane);
+        } else {
+            return Lane::bt_x4(lane);
+        }
+    }
     // Keys per softmax chunk. Where O + S would take more than that (none of the listed tiles;
     // e.g. d = 80 with 128 keys), a step walks its block in two halves (S of BN / 2 keys): the
     // loads, the barrier and the prefetch distance stay those of the full block, and the step fits.
@@ -670,7 +755,7 @@ struct FwdMainloop {
         const bool skip =
             kMasked && st.mask.hides(warp_row0, warp_row0 + kWarpRows - 1, n_block * BN, (n_block + 1) * BN);
         float s[kMT][kNT][4];  // [16*kMT rows][BN keys] scores
-        if (!skip) chunk_qk(s, q, smem_base() + Smem::kKOffset + Lane::b_x4(lane), warp, lane);
+        if (!skip) chunk_qk(s, q, smem_base() + Smem::kKOffset + k_lane_offset(lane), warp, lane);
 
         // V of block t has landed for this thread ...
         ptx::cp_async_wait_group<0>();
@@ -684,7 +769,7 @@ struct FwdMainloop {
         ptx::cp_async_commit_group();
         if (!skip) {
             chunk_softmax_pv<kMasked>(s, o, softmax, st, warp_row0 + lane / 4, n_block * BN + 2 * (lane % 4),
-                                      smem_base() + Smem::kVOffset + Lane::bt_x4(lane));
+                                      smem_base() + Smem::kVOffset + v_lane_offset(lane));
         }
         return next_after(t, load_state().plan);
     }
@@ -742,8 +827,8 @@ struct FwdMainloop {
             }
         }
         const uint32_t stage_offset = static_cast<uint32_t>(stage_of(t)) * Smem::kKvStageBytes;
-        const uint32_t k_lane = smem_base() + Smem::kKOffset + stage_offset + Lane::b_x4(lane);
-        const uint32_t v_lane = smem_base() + Smem::kVOffset + stage_offset + Lane::bt_x4(lane);
+        const uint32_t k_lane = smem_base() + Smem::kKOffset + stage_offset + k_lane_offset(lane);
+        const uint32_t v_lane = smem_base() + Smem::kVOffset + stage_offset + v_lane_offset(lane);
         // Sequence row / key column of this lane's fragment element [0][0][0].
         const int row0 = st.m_begin + warp * kWarpRows + lane / 4;
         const int col0 = n_block * BN + 2 * (lane % 4);
@@ -753,10 +838,10 @@ struct FwdMainloop {
 #pragma unroll 1
         for (int chunk = 0; chunk < BN / kChunkN; ++chunk) {
             float s[kMT][kChunkNT][4];  // [16*kMT rows][kChunkN keys] scores
-            chunk_qk(s, q, k_lane + chunk * kChunkN * kPitch, warp, lane);
+            chunk_qk(s, q, k_lane + chunk * kChunkN * kKvPitch, warp, lane);
             if (chunk == 0) refill();
             chunk_softmax_pv<kMasked>(s, o, softmax, st, row0, col0 + chunk * kChunkN,
-                                      v_lane + chunk * kChunkN * kPitch);
+                                      v_lane + chunk * kChunkN * kKvPitch);
         }
     }
 
@@ -772,11 +857,11 @@ struct FwdMainloop {
                 for (int i = 0; i < 4; ++i) s[mt][nt][i] = 0.f;
         const uint32_t q_lane = smem_base() + Smem::kQOffset + warp * kWarpRows * kPitch + Lane::a_x4(lane);
         if constexpr (kQInRegs && kQSteps == D / 16) {
-            warp_gemm_qk_rq<T, kMT, NT, D, kPitch>(s, q.r, k_lane);
+            warp_gemm_qk_rq<T, kMT, NT, D, kPitch, kKvPitch, kSwizzleKv>(s, q.r, k_lane);
         } else if constexpr (kQInRegs) {
-            warp_gemm_qk_partial_rq<T, kMT, NT, D, kQSteps, kPitch>(s, q.r, q_lane, k_lane);
+            warp_gemm_qk_partial_rq<T, kMT, NT, D, kQSteps, kPitch, kKvPitch, kSwizzleKv>(s, q.r, q_lane, k_lane);
         } else {
-            warp_gemm_qk<T, kMT, NT, D, kPitch>(s, q_lane, k_lane);
+            warp_gemm_qk<T, kMT, NT, D, kPitch, kKvPitch, kSwizzleKv>(s, q_lane, k_lane);
         }
     }
 
@@ -792,7 +877,7 @@ struct FwdMainloop {
         unpark_row_sums(softmax);
         softmax.online_softmax_lazy(s, o);
         park_row_sums(softmax);
-        warp_gemm_pv<T, kMT, NT, kDT, kPitch>(o, s, v_lane);
+        warp_gemm_pv<T, kMT, NT, kDT, kKvPitch, kSwizzleKv>(o, s, v_lane);
     }
 };
 
