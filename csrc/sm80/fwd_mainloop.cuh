@@ -1,5 +1,5 @@
 // Building blocks of the sm80-family forward main loop: the shared-memory layout, the cp.async
-// tile copy (global -> padded smem rows, zero-filling ragged rows) and the two warp-level GEMMs
+// tile copy (global -> padded or swizzled smem rows, zero-filling ragged rows) and the two warp-level GEMMs
 // (S = Q K^T from smem, O += P V with P straight from registers).
 #pragma once
 
@@ -83,7 +83,8 @@ struct FwdSmem {
 };
 
 // Cooperative copy of a ROWS x D tile from global rows (any row stride, last dim contiguous,
-// 16-byte aligned row starts) into padded smem rows, one 16-byte cp.async per chunk.
+// 16-byte aligned row starts) into padded smem rows (or swizzled ones, kSwizzle), one 16-byte
+// cp.async per chunk.
 //
 // Thread layout: kThreadsPerRow threads share a row (the largest power of two dividing the
 // row's chunk count, so it also divides the block size), each copying kChunksPerThreadRow chunks
@@ -218,8 +219,6 @@ struct LdmatrixLane {
     }
 };
 
-// s[MT][NT] += Q_warp (16*MT x D) * K_tile^T (D x 8*NT), both from padded smem.
-// q_lane / k_lane: this lane's ldmatrix addresses (tile start + LdmatrixLane::a_x4 / b_x4).
 // K's address for k-step kk and n-tile pair np: padded rows (pitch KPITCH), or swizzled (kSw).
 template <int KPITCH, bool kSw>
 __device__ __forceinline__ uint32_t k_addr(uint32_t k_lane, int np, int kk) {
@@ -230,6 +229,9 @@ __device__ __forceinline__ uint32_t k_addr(uint32_t k_lane, int np, int kk) {
     }
 }
 
+// s[MT][NT] += Q_warp (16*MT x D) * K_tile^T (D x 8*NT), Q from padded smem (pitch PITCH), K from
+// padded (pitch KPITCH) or swizzled (kSw) smem. q_lane / k_lane: this lane's ldmatrix addresses
+// (tile start + LdmatrixLane::a_x4, and LdmatrixLane::b_x4 or SwizzledKvLane::b_x4).
 template <class T, int MT, int NT, int D, int PITCH, int KPITCH = PITCH, bool kSw = false>
 __device__ __forceinline__ void warp_gemm_qk(float (&s)[MT][NT][4], uint32_t q_lane, uint32_t k_lane) {
     static_assert(D % 16 == 0 && NT % 2 == 0, "Q K^T walks k-steps of 16 and loads K n-tiles in pairs");
@@ -321,7 +323,8 @@ __device__ __forceinline__ void warp_gemm_qk_partial_rq(float (&s)[MT][NT][4], c
 
 // o[MT][DT] += P (16*MT x 8*NT, fp32 accumulator fragments, converted here) * V_tile (8*NT x 8*DT).
 // The accumulator layout of two adjacent n8 tiles of P is exactly the A layout of one k16 step,
-// so P never leaves registers. v_lane: tile start + LdmatrixLane::bt_x4.
+// so P never leaves registers. v_lane: tile start + LdmatrixLane::bt_x4 (padded rows of pitch
+// PITCH), or SwizzledKvLane::bt_x4 with kSw.
 template <class T, int MT, int NT, int DT, int PITCH, bool kSw = false>
 __device__ __forceinline__ void warp_gemm_pv(float (&o)[MT][DT][4], const float (&p)[MT][NT][4], uint32_t v_lane) {
     static_assert(NT % 2 == 0 && DT % 2 == 0, "P V walks k-steps of 16 keys and loads V d-tiles in pairs");
