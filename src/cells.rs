@@ -427,10 +427,11 @@ macro_rules! tile {
 ///   every head dim here, so ldmatrix and cp.async are conflict-free without a swizzle. The
 ///   pads of Q rows 0-3 hold the block's walk state, those of the K rows the parked row sums.
 ///   Since 2026-12-04 K and V use an XOR swizzle with a pitch of D elements instead wherever
-///   D is whole 128-byte lines (64 / 128 / 192 / 256) and the tile does not park row sums: the
-///   padded rows made every 128-byte segment of the cp.async copy straddle two smem lines
-///   (`FwdMainloop::kSwizzleKv`; d = 256 +6-12%, d = 64 +2-6%, perf log run 16). The stages
-///   keep their padded size.
+///   D is whole 128-byte lines (64 / 128 / 192 / 256): the padded rows made every 128-byte
+///   segment of the cp.async copy straddle two smem lines (`FwdMainloop::kSwizzleKv`; d = 256
+///   +6-12%, d = 64 +2-6%, perf log run 16; d = 128 +2-7%, run 17). The K and V regions keep
+///   their padded size; the stages are packed, and the parked row sums use the free end of the
+///   K region. d = 80 / 96 keep padded K / V rows (160 / 192 bytes are not whole lines).
 ///
 /// Measured (H100 SXM, bf16, `bench --quick --family sm80 --variant i`, TFLOP/s for non-causal
 /// 2k / 8k, causal 2k / 8k; two device sessions, 2026-11-22; PyTorch FA2 in the same session:
@@ -573,8 +574,8 @@ pub const fn sm80_fwd_short_q_variant(head_dim: u32, seqlen_q: usize) -> Option<
 }
 
 /// Shared memory of an sm80-family forward tile: Q tile plus `stages` K and V tiles, each row
-/// padded by 8 elements (swizzled K / V rows use D elements of each, the rest of the stage is
-/// unused). `csrc/sm80/fwd_mainloop.cuh` (`FwdSmem`) computes the same number and
+/// padded by 8 elements (swizzled K / V stages are packed rows of D elements, which leaves the
+/// last `stages * block_n * 16` bytes of the K and of the V region free). `csrc/sm80/fwd_mainloop.cuh` (`FwdSmem`) computes the same number and
 /// every kernel static_asserts that it equals the one the build passes in.
 pub const fn sm80_fwd_smem_bytes(head_dim: u32, dtype: DType, tile: &Tile) -> u32 {
     let pitch = (head_dim + 8) * dtype.size_in_bytes() as u32;

@@ -64,9 +64,10 @@ struct SwizzledKvLane {
 //
 // The 16-byte pad that ends each row is never touched by the tile copy, ldmatrix or the
 // epilogue; the pads of Q rows 0..3 hold the block's FwdWalkState (four 16-byte lines; five for
-// the paged kernels' FwdPagedWalkState). Where FwdMainloop::kSwizzleKv holds, each K / V stage
-// keeps this size but stores its rows swizzled with a pitch of D elements (SwizzledKvLane); the
-// last BN * 16 bytes of the stage are unused.
+// the paged kernels' FwdPagedWalkState). Where FwdMainloop::kSwizzleKv holds, the K (and V)
+// region keeps this size but packs its S stages of BN rows swizzled with a pitch of D elements
+// (SwizzledKvLane, FwdMainloop::kKvStageStride); its last S * BN * 16 bytes are then free (the
+// K region's hold the parked row sums, FwdMainloop::row_sum_park).
 template <class T, int D, int BM, int BN, int S>
 struct FwdSmem {
     static constexpr int kPitchBytes = PaddedRows<T, D>::kPitchBytes;
@@ -498,18 +499,25 @@ struct FwdMainloop {
     // unchanged (the extra group is the oldest).
     static constexpr bool kQGroup = kWideQInRegs;
     // With Q in registers at d = 256 the unrolled ragged K/V copy (masked steps) spills.
-    // K / V rows swizzled (SwizzledKvLane) where the head dim is whole 128-byte lines and the K
-    // stage pads are not needed for parked row sums; Q keeps padded rows (its pads hold the walk
-    // state, and Q is copied once per block). The stages keep their padded size (src/cells.rs
-    // `sm80_fwd_smem_bytes`). Measured on H200 (2026-12-04, bf16, same-process A/B in both
-    // orders, perf log run 16 call 9): d = 256 +6-12% on all 6 cells (1k / 4k / 16k, both
-    // masks), d = 64 +2-6%, d = 128 on its 128 x 64 tile (padded, unchanged) 0.97-1.02; 1.033
-    // over 24 cells. A diagnostic build that only aligned the copy's rows (call 8, wrong
-    // results) had shown +11-12% at d = 256 and +15% on its 64 x 64 tile.
-    static constexpr bool kSwizzleKv = (D * static_cast<int>(sizeof(T))) % 128 == 0 && !kParkRowSums;
+    // K / V rows swizzled (SwizzledKvLane) where the head dim is whole 128-byte lines; Q keeps
+    // padded rows (its pads hold the walk state, and Q is copied once per block). The K / V
+    // regions keep their padded size (src/cells.rs `sm80_fwd_smem_bytes`). Measured on H200
+    // (2026-12-04, bf16, same-process A/B in both orders, perf log run 16 call 9): d = 256
+    // +6-12% on all 6 cells (1k / 4k / 16k, both masks), d = 64 +2-6%; 1.033 over 24 cells. A
+    // diagnostic build that only aligned the copy's rows (call 8, wrong results) had shown
+    // +11-12% at d = 256 and +15% on its 64 x 64 tile. The d = 128 128 x 64 tile, which parks
+    // its row sums, kept padded rows until its sums moved to the free end of the packed K
+    // region (perf log run 17 call 2): +1.6-5.2% on 16 heads (512 / 1k / 4k / 16k, both masks),
+    // +3.0-7.0% on GQA 32 / 8; d = 64 / 256 (packed stages, else unchanged) 0.980-1.022.
+    static constexpr bool kSwizzleKv = (D * static_cast<int>(sizeof(T))) % 128 == 0;
     static constexpr int kKvPitch = kSwizzleKv ? D * static_cast<int>(sizeof(T)) : kPitch;
-    static_assert(!kSwizzleKv || (Smem::kKOffset % 128 == 0 && Smem::kKvStageBytes % 128 == 0),
+    // Distance of consecutive K (and V) stages. Swizzled stages are packed (BN rows of D
+    // elements each), so the S * BN * 16 bytes their rows do not use lie together at the end of
+    // the K (and V) region: the row sums park there (row_sum_park).
+    static constexpr int kKvStageStride = BN * kKvPitch;
+    static_assert(!kSwizzleKv || (Smem::kKOffset % 128 == 0 && Smem::kVOffset % 128 == 0 && kKvStageStride % 128 == 0),
                   "swizzled K / V stages start on 128-byte lines (the smem base is 128-byte aligned)");
+    static_assert(S * kKvStageStride <= S * Smem::kKvStageBytes, "the stages fit their region");
     using KvCopy = GmemToSmemTile<T, BN, D, kThreads, /*kRolledRaggedCopy=*/kWideQInRegs, kSwizzleKv>;
     // This lane's K (b_x4) and V (bt_x4) ldmatrix offsets inside a stage.
     __device__ __forceinline__ static uint32_t k_lane_offset(int lane) {
@@ -608,7 +616,7 @@ struct FwdMainloop {
     // keep P V finite where P is 0). kFullBlock: the caller knows the block holds BN keys.
     template <bool kFullBlock>
     __device__ __forceinline__ void load_k(const State& st, int n_block, int stage) const {
-        const uint32_t stage_offset = static_cast<uint32_t>(stage) * Smem::kKvStageBytes;
+        const uint32_t stage_offset = static_cast<uint32_t>(stage) * kKvStageStride;
         if constexpr (kPaged) {
             KvCopy::template issue_paged<kFullBlock>(smem_base() + Smem::kKOffset + stage_offset, st.k, p.k_row_stride,
                                                      p.k_batch_stride, st.pages, p.page_size, n_block * BN,
@@ -621,7 +629,7 @@ struct FwdMainloop {
     }
     template <bool kFullBlock>
     __device__ __forceinline__ void load_v(const State& st, int n_block, int stage) const {
-        const uint32_t stage_offset = static_cast<uint32_t>(stage) * Smem::kKvStageBytes;
+        const uint32_t stage_offset = static_cast<uint32_t>(stage) * kKvStageStride;
         if constexpr (kPaged) {
             KvCopy::template issue_paged<kFullBlock>(smem_base() + Smem::kVOffset + stage_offset, st.v, p.v_row_stride,
                                                      p.v_batch_stride, st.pages, p.page_size, n_block * BN,
@@ -777,15 +785,21 @@ struct FwdMainloop {
         return next_after(t, load_state().plan);
     }
 
-    // This thread's parking line: the pad of K stage row `tid` (stage tid / BN, row tid % BN; the
-    // stages are contiguous rows). Only this thread touches it, so program order alone orders its
-    // stores and loads. (Written as one multiply: the stage / row form costs the d = 128 step
-    // with one k-step of Q in registers a 52-byte spill.)
+    // This thread's parking line: line `tid` of the free end of the K region, after the packed
+    // swizzled stages (kKvStageStride); with padded rows, the pad of K stage row `tid` (stage
+    // tid / BN, row tid % BN; the stages are contiguous rows). Only this thread touches it, so
+    // program order alone orders its stores and loads. (Written as one multiply: the stage / row
+    // form costs the d = 128 step with one k-step of Q in registers a 52-byte spill.)
     __device__ __forceinline__ uint32_t row_sum_park() const {
         static_assert(!kParkRowSums || S * BN >= kThreads, "one K stage row pad per thread");
         static_assert(Smem::kKvStageBytes == BN * kPitch, "K stage rows follow one another");
         const int tid = ptx::thread_idx_x();
-        return smem_base() + Smem::kKOffset + tid * kPitch + D * static_cast<int>(sizeof(T));
+        if constexpr (kSwizzleKv) {
+            // The 16-byte line tid of the unused end of the K region (after the packed stages).
+            return smem_base() + Smem::kKOffset + S * kKvStageStride + tid * 16;
+        } else {
+            return smem_base() + Smem::kKOffset + tid * kPitch + D * static_cast<int>(sizeof(T));
+        }
     }
     template <class Softmax>
     __device__ __forceinline__ void park_row_sums(const Softmax& softmax) const {
@@ -829,7 +843,7 @@ struct FwdMainloop {
                 return;
             }
         }
-        const uint32_t stage_offset = static_cast<uint32_t>(stage_of(t)) * Smem::kKvStageBytes;
+        const uint32_t stage_offset = static_cast<uint32_t>(stage_of(t)) * kKvStageStride;
         const uint32_t k_lane = smem_base() + Smem::kKOffset + stage_offset + k_lane_offset(lane);
         const uint32_t v_lane = smem_base() + Smem::kVOffset + stage_offset + v_lane_offset(lane);
         // Sequence row / key column of this lane's fragment element [0][0][0].
