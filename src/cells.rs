@@ -431,7 +431,8 @@ macro_rules! tile {
 ///   segment of the cp.async copy straddle two smem lines (`FwdMainloop::kSwizzleKv`; d = 256
 ///   +6-12%, d = 64 +2-6%, perf log run 16; d = 128 +2-7%, run 17). The K and V regions keep
 ///   their padded size; the stages are packed, and the parked row sums use the free end of the
-///   K region. d = 80 / 96 keep padded K / V rows (160 / 192 bytes are not whole lines).
+///   K region. d = 80 / 96 rows (160 / 192 bytes, not whole lines) sit in two swizzled panels,
+///   128 bytes + 32 / 64 bytes (`SplitKv`; d = 80 +12-20%, d = 96 +2-7%, run 17).
 ///
 /// Measured (H100 SXM, bf16, `bench --quick --family sm80 --variant i`, TFLOP/s for non-causal
 /// 2k / 8k, causal 2k / 8k; two device sessions, 2026-11-22; PyTorch FA2 in the same session:

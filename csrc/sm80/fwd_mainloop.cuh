@@ -64,9 +64,9 @@ struct SwizzledKvLane {
 //
 // The 16-byte pad that ends each row is never touched by the tile copy, ldmatrix or the
 // epilogue; the pads of Q rows 0..3 hold the block's FwdWalkState (four 16-byte lines; five for
-// the paged kernels' FwdPagedWalkState). Where FwdMainloop::kSwizzleKv holds, the K (and V)
-// region keeps this size but packs its S stages of BN rows swizzled with a pitch of D elements
-// (SwizzledKvLane, FwdMainloop::kKvStageStride); its last S * BN * 16 bytes are then free (the
+// the paged kernels' FwdPagedWalkState). Where FwdMainloop::kSwizzleKv or kSplitKv holds, the K
+// (and V) region keeps this size but packs its S stages of BN swizzled rows of D elements
+// (SwizzledKvLane or SplitKv, FwdMainloop::kKvStageStride); its last S * BN * 16 bytes are then free (the
 // K region's hold the parked row sums, FwdMainloop::row_sum_park).
 template <class T, int D, int BM, int BN, int S>
 struct FwdSmem {
@@ -106,17 +106,29 @@ struct GmemToSmemTile {
     static_assert(D % kElemsPerChunk == 0, "a row must be a whole number of 16-byte cp.async chunks");
     static_assert(THREADS % kThreadsPerRow == 0, "the threads of a row must tile the block");
     static_assert(ROWS % kRowsPerPass == 0, "every thread must copy the same number of rows of a tile");
-    static_assert(!kSwizzle || (kPitchBytes % 128 == 0 && kThreadsPerRow % 8 == 0 && kRowsPerPass % 4 == 0),
+    // Swizzled rows of whole 128-byte lines: chunk c of row r at c ^ (r % 8). Narrow swizzled
+    // rows (32 or 64 bytes, the tail panel of SplitKv): 128 / kPitchBytes rows share a line and
+    // chunk c of row r sits at c ^ ((r / kSwLineRows) % kSwWidth).
+    static constexpr bool kNarrowSwizzle = kSwizzle && kPitchBytes < 128;
+    static constexpr int kSwLineRows = kNarrowSwizzle ? 128 / kPitchBytes : 1;
+    static constexpr int kSwWidth = kNarrowSwizzle ? kChunksPerRow : 8;
+    static_assert(!kSwizzle || kNarrowSwizzle ||
+                      (kPitchBytes % 128 == 0 && kThreadsPerRow % 8 == 0 && kRowsPerPass % 4 == 0),
                   "the swizzled copy: whole 128-byte lines, 8-chunk groups per thread row, and a pass "
                   "stride whose row % 8 change is an XOR");
+    static_assert(!kNarrowSwizzle || ((kPitchBytes == 32 || kPitchBytes == 64) && kThreadsPerRow == kChunksPerRow &&
+                                      (kRowsPerPass / kSwLineRows) % kSwWidth == 0),
+                  "the narrow swizzled copy: 32- or 64-byte rows, one chunk per thread and row, and a pass "
+                  "stride that leaves the swizzle unchanged");
     // Byte-offset XOR of pass i's chunks: row + i * kRowsPerPass has row % 8 XOR ((i * kRowsPerPass) % 8)
-    // (kRowsPerPass % 4 == 0), which moves the chunk by that XOR.
+    // (kRowsPerPass % 4 == 0), which moves the chunk by that XOR (0 for narrow rows).
     __device__ __forceinline__ static uint32_t pass_xor(int i) {
-        return kSwizzle ? static_cast<uint32_t>((i * kRowsPerPass) % 8) * 16u : 0u;
+        return kSwizzle ? static_cast<uint32_t>(((i * kRowsPerPass) / kSwLineRows) % kSwWidth) * 16u : 0u;
     }
-    // This thread's first destination: row `row`, chunk `col_chunk` (swizzled by row % 8).
+    // This thread's first destination: row `row`, chunk `col_chunk` (swizzled by the row).
     __device__ __forceinline__ static uint32_t thread_dst(uint32_t smem_tile, int row, int col_chunk) {
-        return smem_tile + row * kPitchBytes + (kSwizzle ? (col_chunk ^ (row % 8)) : col_chunk) * 16;
+        return smem_tile + row * kPitchBytes +
+               (kSwizzle ? (col_chunk ^ ((row / kSwLineRows) % kSwWidth)) : col_chunk) * 16;
     }
 
     // Copies rows [0, rows_valid) of the tile starting at `gmem` and zero-fills rows
@@ -220,21 +232,104 @@ struct LdmatrixLane {
     }
 };
 
-// K's address for k-step kk and n-tile pair np: padded rows (pitch KPITCH), or swizzled (kSw).
-template <int KPITCH, bool kSw>
-__device__ __forceinline__ uint32_t k_addr(uint32_t k_lane, int np, int kk) {
-    if constexpr (kSw) {
-        return SwizzledKvLane<KPITCH>::step(k_lane, kk) + np * 16 * KPITCH;
-    } else {
-        return k_lane + np * 16 * KPITCH + kk * 32;
+// The K / V stage layouts, as the warp GEMMs see them. Each has a Lane (a lane's ldmatrix
+// address, or two, tile start included; made by b_x4 for K, bt_x4 for V), addr(lane, r16, j)
+// (the lane's address for 16-row group r16 and 16-column group j: n-tile pair and k16 step of
+// Q K^T, k16 step and d-tile pair of P V) and advance(lane, rows).
+//
+// Padded rows of pitch PITCH bytes (PaddedRows).
+template <int PITCH>
+struct PaddedKv {
+    using Lane = uint32_t;
+    __device__ __forceinline__ static Lane b_x4(uint32_t tile, int lane) { return tile + LdmatrixLane<PITCH>::b_x4(lane); }
+    __device__ __forceinline__ static Lane bt_x4(uint32_t tile, int lane) {
+        return tile + LdmatrixLane<PITCH>::bt_x4(lane);
     }
-}
+    __device__ __forceinline__ static uint32_t addr(Lane l, int r16, int j) { return l + r16 * 16 * PITCH + j * 32; }
+    __device__ __forceinline__ static Lane advance(Lane l, int rows) { return l + rows * PITCH; }
+};
+
+// Swizzled rows of whole 128-byte lines (SwizzledKvLane), pitch PITCH bytes.
+template <int PITCH>
+struct SwizzledKv {
+    using Lane = uint32_t;
+    __device__ __forceinline__ static Lane b_x4(uint32_t tile, int lane) { return tile + SwizzledKvLane<PITCH>::b_x4(lane); }
+    __device__ __forceinline__ static Lane bt_x4(uint32_t tile, int lane) {
+        return tile + SwizzledKvLane<PITCH>::bt_x4(lane);
+    }
+    __device__ __forceinline__ static uint32_t addr(Lane l, int r16, int j) {
+        return SwizzledKvLane<PITCH>::step(l, j) + r16 * 16 * PITCH;
+    }
+    __device__ __forceinline__ static Lane advance(Lane l, int rows) { return l + rows * PITCH; }
+};
+
+// Rows of D = 80 / 96 16-bit elements (160 / 192 bytes, not whole lines) split into two swizzled
+// panels: the first 64 elements of each of the BN rows in a 128-byte-pitch panel
+// (SwizzledKvLane<128>), the last kW = 2 / 4 16-byte chunks in a second panel of kW * 16-byte
+// rows right after it, 128 / (16 kW) rows to a line, chunk c of row r at c ^ ((r / (8 / kW)) % kW).
+// Both keep the 8 row addresses of an ldmatrix phase in 8 distinct bank groups and every
+// cp.async warp instruction on whole lines (SplitKvCopy). The tail address of a lane that
+// reads logical chunk 2 j + h of row r: `r * 16 kW + 16 (h ^ b0) + 32 (j ^ b1)` with
+// (b1, b0) the swizzle bits of the row, i.e. `lane_b ^ (32 j)`.
+template <int D, int BN>
+struct SplitKv {
+    static constexpr int kW = (D * 2 - 128) / 16;  // chunks in the tail panel
+    static constexpr int kTailPitch = kW * 16;
+    static constexpr int kTailOffset = BN * 128;
+    static_assert((kW == 2 || kW == 4) && BN % 16 == 0, "split rows: 128 bytes + a 32- or 64-byte tail");
+    struct Lane {
+        uint32_t a, b;
+    };
+    __device__ __forceinline__ static uint32_t tail_at(int row, int half) {
+        const int sw = (row / (8 / kW)) % kW;  // the row's swizzle: chunk c sits at c ^ sw
+        return row * kTailPitch + 16 * ((half ^ sw) & 1) + 32 * (sw / 2);
+    }
+    __device__ __forceinline__ static Lane b_x4(uint32_t tile, int lane) {
+        return {tile + SwizzledKvLane<128>::b_x4(lane),
+                tile + kTailOffset + tail_at((lane % 8) + 8 * (lane / 16), (lane / 8) % 2)};
+    }
+    __device__ __forceinline__ static Lane bt_x4(uint32_t tile, int lane) {
+        return {tile + SwizzledKvLane<128>::bt_x4(lane),
+                tile + kTailOffset + tail_at((lane % 8) + 8 * ((lane / 8) % 2), lane / 16)};
+    }
+    __device__ __forceinline__ static uint32_t addr(Lane l, int r16, int j) {
+        if (j < 4) return SwizzledKvLane<128>::step(l.a, j) + r16 * 16 * 128;
+        return (l.b ^ static_cast<uint32_t>(32 * (j - 4))) + r16 * 16 * kTailPitch;
+    }
+    __device__ __forceinline__ static Lane advance(Lane l, int rows) {
+        return {l.a + rows * 128, l.b + rows * kTailPitch};
+    }
+};
+
+// The cp.async copy of a SplitKv tile: the two panels as two swizzled copies (the tail's source
+// 64 elements into each row).
+template <class T, int ROWS, int D, int THREADS, bool kRolledRaggedCopy = false>
+struct SplitKvCopy {
+    using Head = GmemToSmemTile<T, ROWS, 64, THREADS, kRolledRaggedCopy, /*kSwizzle=*/true>;
+    using Tail = GmemToSmemTile<T, ROWS, D - 64, THREADS, kRolledRaggedCopy, /*kSwizzle=*/true>;
+    static constexpr int kTailOffset = SplitKv<D, ROWS>::kTailOffset;
+    template <bool kAllRowsValid = false>
+    __device__ __forceinline__ static void issue(uint32_t smem_tile, const T* gmem, int64_t row_stride,
+                                                 int rows_valid, int tid) {
+        Head::template issue<kAllRowsValid>(smem_tile, gmem, row_stride, rows_valid, tid);
+        Tail::template issue<kAllRowsValid>(smem_tile + kTailOffset, gmem + 64, row_stride, rows_valid, tid);
+    }
+    template <bool kAllRowsValid = false>
+    __device__ __forceinline__ static void issue_paged(uint32_t smem_tile, const T* base, int64_t row_stride,
+                                                       int64_t page_stride, const int32_t* pages, int page_size,
+                                                       int row0, int rows_valid, int tid) {
+        Head::template issue_paged<kAllRowsValid>(smem_tile, base, row_stride, page_stride, pages, page_size, row0,
+                                                  rows_valid, tid);
+        Tail::template issue_paged<kAllRowsValid>(smem_tile + kTailOffset, base + 64, row_stride, page_stride, pages,
+                                                  page_size, row0, rows_valid, tid);
+    }
+};
 
 // s[MT][NT] += Q_warp (16*MT x D) * K_tile^T (D x 8*NT), Q from padded smem (pitch PITCH), K from
-// padded (pitch KPITCH) or swizzled (kSw) smem. q_lane / k_lane: this lane's ldmatrix addresses
-// (tile start + LdmatrixLane::a_x4, and LdmatrixLane::b_x4 or SwizzledKvLane::b_x4).
-template <class T, int MT, int NT, int D, int PITCH, int KPITCH = PITCH, bool kSw = false>
-__device__ __forceinline__ void warp_gemm_qk(float (&s)[MT][NT][4], uint32_t q_lane, uint32_t k_lane) {
+// smem laid out as KvL says (PaddedKv, SwizzledKv, SplitKv). q_lane / k_lane: this lane's
+// ldmatrix addresses (tile start + LdmatrixLane::a_x4, and KvL::b_x4).
+template <class T, int MT, int NT, int D, int PITCH, class KvL>
+__device__ __forceinline__ void warp_gemm_qk(float (&s)[MT][NT][4], uint32_t q_lane, typename KvL::Lane k_lane) {
     static_assert(D % 16 == 0 && NT % 2 == 0, "Q K^T walks k-steps of 16 and loads K n-tiles in pairs");
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -246,7 +341,7 @@ __device__ __forceinline__ void warp_gemm_qk(float (&s)[MT][NT][4], uint32_t q_l
 #pragma unroll
         for (int np = 0; np < NT / 2; ++np) {
             uint32_t r[4];
-            ptx::ldmatrix_x4(r, k_addr<KPITCH, kSw>(k_lane, np, kk));
+            ptx::ldmatrix_x4(r, KvL::addr(k_lane, np, kk));
             const uint32_t k_frag0[2] = {r[0], r[1]};
             const uint32_t k_frag1[2] = {r[2], r[3]};
 #pragma unroll
@@ -269,16 +364,16 @@ __device__ __forceinline__ void load_q_frags(uint32_t (&q_frag)[MT][KQ][4], uint
 }
 
 // warp_gemm_qk with Q from registers (load_q_frags): only K comes from smem.
-template <class T, int MT, int NT, int D, int PITCH, int KPITCH = PITCH, bool kSw = false>
+template <class T, int MT, int NT, int D, class KvL>
 __device__ __forceinline__ void warp_gemm_qk_rq(float (&s)[MT][NT][4], const uint32_t (&q_frag)[MT][D / 16][4],
-                                                uint32_t k_lane) {
+                                                typename KvL::Lane k_lane) {
     static_assert(D % 16 == 0 && NT % 2 == 0, "Q K^T walks k-steps of 16 and loads K n-tiles in pairs");
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
         for (int np = 0; np < NT / 2; ++np) {
             uint32_t r[4];
-            ptx::ldmatrix_x4(r, k_addr<KPITCH, kSw>(k_lane, np, kk));
+            ptx::ldmatrix_x4(r, KvL::addr(k_lane, np, kk));
             const uint32_t k_frag0[2] = {r[0], r[1]};
             const uint32_t k_frag1[2] = {r[2], r[3]};
 #pragma unroll
@@ -292,9 +387,9 @@ __device__ __forceinline__ void warp_gemm_qk_rq(float (&s)[MT][NT][4], const uin
 
 // warp_gemm_qk with the first KQ < D / 16 k16 steps of Q from registers (load_q_frags) and the
 // rest from smem (q_lane: as for warp_gemm_qk).
-template <class T, int MT, int NT, int D, int KQ, int PITCH, int KPITCH = PITCH, bool kSw = false>
+template <class T, int MT, int NT, int D, int KQ, int PITCH, class KvL>
 __device__ __forceinline__ void warp_gemm_qk_partial_rq(float (&s)[MT][NT][4], const uint32_t (&q_regs)[MT][KQ][4],
-                                                        uint32_t q_lane, uint32_t k_lane) {
+                                                        uint32_t q_lane, typename KvL::Lane k_lane) {
     static_assert(D % 16 == 0 && NT % 2 == 0, "Q K^T walks k-steps of 16 and loads K n-tiles in pairs");
     static_assert(KQ >= 1 && KQ < D / 16, "some but not all k-steps of Q in registers (else warp_gemm_qk_rq)");
 #pragma unroll
@@ -307,7 +402,7 @@ __device__ __forceinline__ void warp_gemm_qk_partial_rq(float (&s)[MT][NT][4], c
 #pragma unroll
         for (int np = 0; np < NT / 2; ++np) {
             uint32_t r[4];
-            ptx::ldmatrix_x4(r, k_addr<KPITCH, kSw>(k_lane, np, kk));
+            ptx::ldmatrix_x4(r, KvL::addr(k_lane, np, kk));
             const uint32_t k_frag0[2] = {r[0], r[1]};
             const uint32_t k_frag1[2] = {r[2], r[3]};
 #pragma unroll
@@ -324,10 +419,11 @@ __device__ __forceinline__ void warp_gemm_qk_partial_rq(float (&s)[MT][NT][4], c
 
 // o[MT][DT] += P (16*MT x 8*NT, fp32 accumulator fragments, converted here) * V_tile (8*NT x 8*DT).
 // The accumulator layout of two adjacent n8 tiles of P is exactly the A layout of one k16 step,
-// so P never leaves registers. v_lane: tile start + LdmatrixLane::bt_x4 (padded rows of pitch
-// PITCH), or SwizzledKvLane::bt_x4 with kSw.
-template <class T, int MT, int NT, int DT, int PITCH, bool kSw = false>
-__device__ __forceinline__ void warp_gemm_pv(float (&o)[MT][DT][4], const float (&p)[MT][NT][4], uint32_t v_lane) {
+// so P never leaves registers. v_lane: KvL::bt_x4 of the V tile (KvL: the stage layout, as for
+// warp_gemm_qk).
+template <class T, int MT, int NT, int DT, class KvL>
+__device__ __forceinline__ void warp_gemm_pv(float (&o)[MT][DT][4], const float (&p)[MT][NT][4],
+                                             typename KvL::Lane v_lane) {
     static_assert(NT % 2 == 0 && DT % 2 == 0, "P V walks k-steps of 16 keys and loads V d-tiles in pairs");
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
@@ -342,11 +438,7 @@ __device__ __forceinline__ void warp_gemm_pv(float (&o)[MT][DT][4], const float 
 #pragma unroll
         for (int dp = 0; dp < DT / 2; ++dp) {
             uint32_t r[4];
-            if constexpr (kSw) {
-                ptx::ldmatrix_x4_trans(r, SwizzledKvLane<PITCH>::step(v_lane, dp) + kk * 16 * PITCH);
-            } else {
-                ptx::ldmatrix_x4_trans(r, v_lane + kk * 16 * PITCH + dp * 32);
-            }
+            ptx::ldmatrix_x4_trans(r, KvL::addr(v_lane, kk, dp));
             const uint32_t v_frag0[2] = {r[0], r[1]};
             const uint32_t v_frag1[2] = {r[2], r[3]};
 #pragma unroll
@@ -510,30 +602,23 @@ struct FwdMainloop {
     // region (perf log run 17 call 2): +1.6-5.2% on 16 heads (512 / 1k / 4k / 16k, both masks),
     // +3.0-7.0% on GQA 32 / 8; d = 64 / 256 (packed stages, else unchanged) 0.980-1.022.
     static constexpr bool kSwizzleKv = (D * static_cast<int>(sizeof(T))) % 128 == 0;
+    // d = 80 / 96: rows of 160 / 192 bytes in two swizzled panels (SplitKv), for the same
+    // reason. Measured on H200 (2026-12-04, bf16, same-process A/B in both orders against padded
+    // rows, perf log run 17 call 3): d = 80 +11.7-20.3% on all 10 cells (512 / 1k / 2k / 4k /
+    // 16k, both masks), d = 96 +1.5-7.4%.
+    static constexpr bool kSplitKv = !kSwizzleKv && (D == 80 || D == 96);
     static constexpr int kKvPitch = kSwizzleKv ? D * static_cast<int>(sizeof(T)) : kPitch;
+    using KvL = std::conditional_t<kSwizzleKv, SwizzledKv<kKvPitch>,
+                                   std::conditional_t<kSplitKv, SplitKv<D, BN>, PaddedKv<kPitch>>>;
     // Distance of consecutive K (and V) stages. Swizzled stages are packed (BN rows of D
     // elements each), so the S * BN * 16 bytes their rows do not use lie together at the end of
     // the K (and V) region: the row sums park there (row_sum_park).
-    static constexpr int kKvStageStride = BN * kKvPitch;
-    static_assert(!kSwizzleKv || (Smem::kKOffset % 128 == 0 && Smem::kVOffset % 128 == 0 && kKvStageStride % 128 == 0),
+    static constexpr int kKvStageStride = kSplitKv ? BN * D * static_cast<int>(sizeof(T)) : BN * kKvPitch;
+    static_assert(!(kSwizzleKv || kSplitKv) || (Smem::kKOffset % 128 == 0 && Smem::kVOffset % 128 == 0 && kKvStageStride % 128 == 0),
                   "swizzled K / V stages start on 128-byte lines (the smem base is 128-byte aligned)");
     static_assert(S * kKvStageStride <= S * Smem::kKvStageBytes, "the stages fit their region");
-    using KvCopy = GmemToSmemTile<T, BN, D, kThreads, /*kRolledRaggedCopy=*/kWideQInRegs, kSwizzleKv>;
-    // This lane's K (b_x4) and V (bt_x4) ldmatrix offsets inside a stage.
-    __device__ __forceinline__ static uint32_t k_lane_offset(int lane) {
-        if constexpr (kSwizzleKv) {
-            return SwizzledKvLane<kKvPitch>::b_x4(lane);
-        } else {
-            return Lane::b_x4(lane);
-        }
-    }
-    __device__ __forceinline__ static uint32_t v_lane_offset(int lane) {
-        if constexpr (kSwizzleKv) {
-            return SwizzledKvLane<kKvPitch>::bt_x4(lane);
-        } else {
-            return Lane::bt_x4(lane);
-        }
-    }
+    using KvCopy = std::conditional_t<kSplitKv, SplitKvCopy<T, BN, D, kThreads, /*kRolledRaggedCopy=*/kWideQInRegs>,
+                                      GmemToSmemTile<T, BN, D, kThreads, /*kRolledRaggedCopy=*/kWideQInRegs, kSwizzleKv>>;
     // Keys per softmax chunk. Where O + S would take more than that (none of the listed tiles;
     // e.g. d = 80 with 128 keys), a step walks its block in two halves (S of BN / 2 keys): the
     // loads, the barrier and the prefetch distance stay those of the full block, and the step fits.
@@ -766,7 +851,7 @@ struct FwdMainloop {
         const bool skip =
             kMasked && st.mask.hides(warp_row0, warp_row0 + kWarpRows - 1, n_block * BN, (n_block + 1) * BN);
         float s[kMT][kNT][4];  // [16*kMT rows][BN keys] scores
-        if (!skip) chunk_qk(s, q, smem_base() + Smem::kKOffset + k_lane_offset(lane), warp, lane);
+        if (!skip) chunk_qk(s, q, KvL::b_x4(smem_base() + Smem::kKOffset, lane), warp, lane);
 
         // V of block t has landed for this thread ...
         ptx::cp_async_wait_group<0>();
@@ -780,7 +865,7 @@ struct FwdMainloop {
         ptx::cp_async_commit_group();
         if (!skip) {
             chunk_softmax_pv<kMasked>(s, o, softmax, st, warp_row0 + lane / 4, n_block * BN + 2 * (lane % 4),
-                                      smem_base() + Smem::kVOffset + v_lane_offset(lane));
+                                      KvL::bt_x4(smem_base() + Smem::kVOffset, lane));
         }
         return next_after(t, load_state().plan);
     }
@@ -794,7 +879,7 @@ struct FwdMainloop {
         static_assert(!kParkRowSums || S * BN >= kThreads, "one K stage row pad per thread");
         static_assert(Smem::kKvStageBytes == BN * kPitch, "K stage rows follow one another");
         const int tid = ptx::thread_idx_x();
-        if constexpr (kSwizzleKv) {
+        if constexpr (kSwizzleKv || kSplitKv) {
             // The 16-byte line tid of the unused end of the K region (after the packed stages).
             return smem_base() + Smem::kKOffset + S * kKvStageStride + tid * 16;
         } else {
@@ -844,8 +929,8 @@ struct FwdMainloop {
             }
         }
         const uint32_t stage_offset = static_cast<uint32_t>(stage_of(t)) * kKvStageStride;
-        const uint32_t k_lane = smem_base() + Smem::kKOffset + stage_offset + k_lane_offset(lane);
-        const uint32_t v_lane = smem_base() + Smem::kVOffset + stage_offset + v_lane_offset(lane);
+        const typename KvL::Lane k_lane = KvL::b_x4(smem_base() + Smem::kKOffset + stage_offset, lane);
+        const typename KvL::Lane v_lane = KvL::bt_x4(smem_base() + Smem::kVOffset + stage_offset, lane);
         // Sequence row / key column of this lane's fragment element [0][0][0].
         const int row0 = st.m_begin + warp * kWarpRows + lane / 4;
         const int col0 = n_block * BN + 2 * (lane % 4);
@@ -855,17 +940,17 @@ struct FwdMainloop {
 #pragma unroll 1
         for (int chunk = 0; chunk < BN / kChunkN; ++chunk) {
             float s[kMT][kChunkNT][4];  // [16*kMT rows][kChunkN keys] scores
-            chunk_qk(s, q, k_lane + chunk * kChunkN * kKvPitch, warp, lane);
+            chunk_qk(s, q, KvL::advance(k_lane, chunk * kChunkN), warp, lane);
             if (chunk == 0) refill();
             chunk_softmax_pv<kMasked>(s, o, softmax, st, row0, col0 + chunk * kChunkN,
-                                      v_lane + chunk * kChunkN * kKvPitch);
+                                      KvL::advance(v_lane, chunk * kChunkN));
         }
     }
 
     // S = Q K^T of one chunk: s zeroed and accumulated; k_lane: the chunk's K rows + b_x4.
     template <int NT>
-    __device__ __forceinline__ void chunk_qk(float (&s)[kMT][NT][4], const QFrags& q, uint32_t k_lane, int warp,
-                                             int lane) const {
+    __device__ __forceinline__ void chunk_qk(float (&s)[kMT][NT][4], const QFrags& q, typename KvL::Lane k_lane,
+                                             int warp, int lane) const {
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
@@ -874,11 +959,11 @@ struct FwdMainloop {
                 for (int i = 0; i < 4; ++i) s[mt][nt][i] = 0.f;
         const uint32_t q_lane = smem_base() + Smem::kQOffset + warp * kWarpRows * kPitch + Lane::a_x4(lane);
         if constexpr (kQInRegs && kQSteps == D / 16) {
-            warp_gemm_qk_rq<T, kMT, NT, D, kPitch, kKvPitch, kSwizzleKv>(s, q.r, k_lane);
+            warp_gemm_qk_rq<T, kMT, NT, D, KvL>(s, q.r, k_lane);
         } else if constexpr (kQInRegs) {
-            warp_gemm_qk_partial_rq<T, kMT, NT, D, kQSteps, kPitch, kKvPitch, kSwizzleKv>(s, q.r, q_lane, k_lane);
+            warp_gemm_qk_partial_rq<T, kMT, NT, D, kQSteps, kPitch, KvL>(s, q.r, q_lane, k_lane);
         } else {
-            warp_gemm_qk<T, kMT, NT, D, kPitch, kKvPitch, kSwizzleKv>(s, q_lane, k_lane);
+            warp_gemm_qk<T, kMT, NT, D, kPitch, KvL>(s, q_lane, k_lane);
         }
     }
 
@@ -887,14 +972,14 @@ struct FwdMainloop {
     template <bool kMasked, int NT, class Softmax>
     __device__ __forceinline__ void chunk_softmax_pv(float (&s)[kMT][NT][4], float (&o)[kMT][kDT][4],
                                                      Softmax& softmax, const State& st, int row0, int col0,
-                                                     uint32_t v_lane) const {
+                                                     typename KvL::Lane v_lane) const {
         const ScoreMod mod(p, st.alibi_slope, st.mask.diag);
         if (mod.active()) mod.apply(s, row0, col0);
         if constexpr (kMasked) st.mask.apply(s, row0, col0);
         unpark_row_sums(softmax);
         softmax.online_softmax_lazy(s, o);
         park_row_sums(softmax);
-        warp_gemm_pv<T, kMT, NT, kDT, kKvPitch, kSwizzleKv>(o, s, v_lane);
+        warp_gemm_pv<T, kMT, NT, kDT, KvL>(o, s, v_lane);
     }
 };
 
