@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "common/ptx.cuh"
+#include "sm80/smem_rows.cuh"
 
 namespace fa {
 namespace sm80 {
@@ -177,9 +178,10 @@ struct BwdSmem {
 // Cooperative copy of a ROWS x D tile from global rows (any row stride, last dim contiguous,
 // 16-byte aligned) into padded smem rows, one 16-byte cp.async per chunk; rows >= rows_valid are
 // zero-filled (their source is not read). Adjacent threads take adjacent chunks of a row.
-template <class T, int ROWS, int D, int THREADS>
+// kSwizzle: rows of D elements (whole 128-byte lines) with XOR-swizzled chunks (SwizzledKvLane).
+template <class T, int ROWS, int D, int THREADS, bool kSwizzle = false>
 struct BwdTileCopy {
-    static constexpr int kPitch = (D + 8) * static_cast<int>(sizeof(T));
+    static constexpr int kPitch = kSwizzle ? D * static_cast<int>(sizeof(T)) : (D + 8) * static_cast<int>(sizeof(T));
     static constexpr int kElemsPerChunk = 16 / static_cast<int>(sizeof(T));
     static constexpr int kChunksPerRow = D / kElemsPerChunk;
     static constexpr int kThreadsPerRow = kChunksPerRow & -kChunksPerRow;  // lowest set bit
@@ -187,6 +189,14 @@ struct BwdTileCopy {
     static constexpr int kRowsPerPass = THREADS / kThreadsPerRow;
     static constexpr int kPasses = (ROWS + kRowsPerPass - 1) / kRowsPerPass;
     static_assert(D % kElemsPerChunk == 0 && THREADS % kThreadsPerRow == 0, "rows are whole chunks");
+    static_assert(!kSwizzle || (kPitch % 128 == 0 && kThreadsPerRow % 8 == 0 && kRowsPerPass % 4 == 0),
+                  "the swizzled copy: whole 128-byte lines, 8-chunk groups per thread row, and a pass "
+                  "stride whose row % 8 change is an XOR");
+    // Byte-offset XOR of pass i's chunks (kSwizzle): row + i * kRowsPerPass has row % 8 XOR
+    // ((i * kRowsPerPass) % 8).
+    __device__ __forceinline__ static uint32_t pass_xor(int i) {
+        return kSwizzle ? static_cast<uint32_t>((i * kRowsPerPass) % 8) * 16u : 0u;
+    }
 
     // gmem: row 0 of the tile.
     __device__ __forceinline__ static void issue(uint32_t smem_tile, const T* gmem, int64_t row_stride, int rows_valid,
@@ -194,7 +204,7 @@ struct BwdTileCopy {
         const int row = tid / kThreadsPerRow;
         const int col_chunk = tid % kThreadsPerRow;
         const int64_t stride = ptx::opaque_i64(row_stride);
-        const uint32_t smem_thread = smem_tile + row * kPitch + col_chunk * 16;
+        const uint32_t smem_thread = smem_tile + row * kPitch + (kSwizzle ? (col_chunk ^ (row % 8)) : col_chunk) * 16;
         const T* gmem_thread = gmem + row * stride + col_chunk * kElemsPerChunk;
 #pragma unroll
         for (int i = 0; i < kPasses; ++i) {
@@ -210,7 +220,7 @@ struct BwdTileCopy {
             const T* src = (D <= 128 || valid) ? gmem_thread + i * kRowsPerPass * stride : gmem;
 #pragma unroll
             for (int j = 0; j < kChunksPerThreadRow; ++j) {
-                ptx::cp_async_cg_16(smem_thread + i * kRowsPerPass * kPitch + j * kThreadsPerRow * 16,
+                ptx::cp_async_cg_16((smem_thread ^ pass_xor(i)) + i * kRowsPerPass * kPitch + j * kThreadsPerRow * 16,
                                     src + j * kThreadsPerRow * kElemsPerChunk, valid);
             }
         }
@@ -264,11 +274,12 @@ __device__ __forceinline__ void acc_to_a_frags(uint32_t (&a)[MT][NT / 2][4], con
         }
 }
 
-// c += A B^T, A rows of a [m][k] tile (a_lane = A rows + a_x4), B rows of a [n][k] tile
-// (b_lane = B rows + b_x4); K = 16 * KS. PIPE: the fragments of k16 step kk + 1 are loaded
-// before the MMAs of step kk (16 more registers; gemm_rows_trans likewise).
-template <class T, int MT, int NT, int KS, int APITCH, int BPITCH, bool PIPE>
-__device__ __forceinline__ void gemm_rows_rows(float (&c)[MT][NT][4], uint32_t a_lane, uint32_t b_lane) {
+// c += A B^T, A rows of a [m][k] tile (a_lane = A rows + a_x4), B rows of a [n][k] tile laid
+// out as BL says (PaddedKv, SwizzledKv; b_lane = BL::b_x4 of B's rows); K = 16 * KS. PIPE: the
+// fragments of k16 step kk + 1 are loaded before the MMAs of step kk (16 more registers;
+// gemm_rows_trans likewise).
+template <class T, int MT, int NT, int KS, int APITCH, class BL, bool PIPE>
+__device__ __forceinline__ void gemm_rows_rows(float (&c)[MT][NT][4], uint32_t a_lane, typename BL::Lane b_lane) {
     static_assert(NT % 2 == 0, "B n8 tiles are loaded in pairs");
     if constexpr (PIPE) {
         // Fragments of k16 step kk + 1 are loaded before the MMAs of step kk.
@@ -277,7 +288,7 @@ __device__ __forceinline__ void gemm_rows_rows(float (&c)[MT][NT][4], uint32_t a
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) ptx::ldmatrix_x4(a[buf][mt], a_lane + mt * 16 * APITCH + kk * 32);
 #pragma unroll
-            for (int np = 0; np < NT / 2; ++np) ptx::ldmatrix_x4(b[buf][np], b_lane + np * 16 * BPITCH + kk * 32);
+            for (int np = 0; np < NT / 2; ++np) ptx::ldmatrix_x4(b[buf][np], BL::addr(b_lane, np, kk));
         };
         load(0, 0);
 #pragma unroll
@@ -303,7 +314,7 @@ __device__ __forceinline__ void gemm_rows_rows(float (&c)[MT][NT][4], uint32_t a
 #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
                 uint32_t r[4];
-                ptx::ldmatrix_x4(r, b_lane + np * 16 * BPITCH + kk * 32);
+                ptx::ldmatrix_x4(r, BL::addr(b_lane, np, kk));
                 const uint32_t b0[2] = {r[0], r[1]};
                 const uint32_t b1[2] = {r[2], r[3]};
 #pragma unroll
@@ -317,17 +328,17 @@ __device__ __forceinline__ void gemm_rows_rows(float (&c)[MT][NT][4], uint32_t a
 }
 
 // c += A B, A from registers (acc_to_a_frags, KS k16 steps), B k rows of a [k][n] tile through
-// .trans (b_lane = B's first k row and n column + bt_x4).
-template <class T, int MT, int KS, int NT, int BPITCH>
+// .trans, laid out as BL says (b_lane = BL::bt_x4 of B's first k row, at its first n column).
+template <class T, int MT, int KS, int NT, class BL>
 __device__ __forceinline__ void gemm_regs_trans(float (&c)[MT][NT][4], const uint32_t (&a)[MT][KS][4],
-                                                uint32_t b_lane) {
+                                                typename BL::Lane b_lane) {
     static_assert(NT % 2 == 0, "B n8 tiles are loaded in pairs");
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
 #pragma unroll
         for (int np = 0; np < NT / 2; ++np) {
             uint32_t r[4];
-            ptx::ldmatrix_x4_trans(r, b_lane + kk * 16 * BPITCH + np * 32);
+            ptx::ldmatrix_x4_trans(r, BL::addr(b_lane, kk, np));
             const uint32_t b0[2] = {r[0], r[1]};
             const uint32_t b1[2] = {r[2], r[3]};
 #pragma unroll
@@ -340,8 +351,8 @@ __device__ __forceinline__ void gemm_regs_trans(float (&c)[MT][NT][4], const uin
 }
 
 // c += A B, A rows of a [m][k] tile (a_lane = A rows + a_x4), B through .trans as in gemm_regs_trans.
-template <class T, int MT, int KS, int NT, int APITCH, int BPITCH, bool PIPE>
-__device__ __forceinline__ void gemm_rows_trans(float (&c)[MT][NT][4], uint32_t a_lane, uint32_t b_lane) {
+template <class T, int MT, int KS, int NT, int APITCH, class BL, bool PIPE>
+__device__ __forceinline__ void gemm_rows_trans(float (&c)[MT][NT][4], uint32_t a_lane, typename BL::Lane b_lane) {
     static_assert(NT % 2 == 0, "B n8 tiles are loaded in pairs");
     if constexpr (PIPE) {
         // Fragments of k16 step kk + 1 are loaded before the MMAs of step kk.
@@ -350,7 +361,7 @@ __device__ __forceinline__ void gemm_rows_trans(float (&c)[MT][NT][4], uint32_t 
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) ptx::ldmatrix_x4(a[buf][mt], a_lane + mt * 16 * APITCH + kk * 32);
 #pragma unroll
-            for (int np = 0; np < NT / 2; ++np) ptx::ldmatrix_x4_trans(b[buf][np], b_lane + kk * 16 * BPITCH + np * 32);
+            for (int np = 0; np < NT / 2; ++np) ptx::ldmatrix_x4_trans(b[buf][np], BL::addr(b_lane, kk, np));
         };
         load(0, 0);
 #pragma unroll
@@ -376,7 +387,7 @@ __device__ __forceinline__ void gemm_rows_trans(float (&c)[MT][NT][4], uint32_t 
 #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
                 uint32_t r[4];
-                ptx::ldmatrix_x4_trans(r, b_lane + kk * 16 * BPITCH + np * 32);
+                ptx::ldmatrix_x4_trans(r, BL::addr(b_lane, kk, np));
                 const uint32_t b0[2] = {r[0], r[1]};
                 const uint32_t b1[2] = {r[2], r[3]};
 #pragma unroll

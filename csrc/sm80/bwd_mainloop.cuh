@@ -7,6 +7,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <type_traits>
+
 #include "common/mask.cuh"
 #include "common/params.h"
 #include "common/ptx.cuh"
@@ -54,7 +56,25 @@ struct BwdMainloop {
     static constexpr int kSPitch = Smem::kSPitch;
     using RowLane = BwdLane<kPitch>;
     using SLane = BwdLane<kSPitch>;
-    using QCopy = BwdTileCopy<T, BM, D, kThreads>;
+    // The step's Q / dO tiles in XOR-swizzled rows of D elements (SwizzledKv) at d = 128 / 256,
+    // else padded rows: with padded rows every 128-byte segment of their per-step cp.async copies
+    // straddles two smem lines (the forward's K / V had 10.5 shared wavefronts per 512-byte copy
+    // instead of 4; perf log runs 16 / 17). The stages keep their padded size; K / V (copied once
+    // per block) stay padded. Measured on H200 (2026-12-04, bf16, `compare.py --bwd`, same-process
+    // A/B in both orders against padded rows, perf log run 17 call 4): d = 128 +2.3-4.0% on all 6
+    // cells (1k / 4k / 16k, both masks), d = 256 +2.3-3.2% (causal 1k 0.998); d = 64 (32 x 128 x
+    // 4 warps) 0.985-0.995 on 5 of 6 cells, so it keeps padded rows. d = 192 would need the
+    // column step of QL::column across 3 / 6 groups (kWarpGroups), which the swizzle's XOR does
+    // not compose with; d = 80 / 96 rows are not whole lines.
+    static constexpr int kWarpGroups = Shape::kWarpD / 16;  // 16-column groups of a warp's dK / dV
+    static constexpr bool kSwizzleQ = (D * static_cast<int>(sizeof(T))) % 128 == 0 && D >= 128 &&
+                                      (!Shape::kPtInSmem || kWarpGroups % 4 == 0 || (kWarpGroups & (kWarpGroups - 1)) == 0);
+    static constexpr int kQPitch = kSwizzleQ ? D * static_cast<int>(sizeof(T)) : kPitch;
+    using QL = std::conditional_t<kSwizzleQ, SwizzledKv<kQPitch>, PaddedKv<kPitch>>;
+    static_assert(!kSwizzleQ || (Smem::kQOffset % 128 == 0 && Smem::kDoOffset % 128 == 0 &&
+                                 Smem::kQStageBytes % 128 == 0),
+                  "swizzled Q / dO stages start on 128-byte lines (the smem base is 128-byte aligned)");
+    using QCopy = BwdTileCopy<T, BM, D, kThreads, kSwizzleQ>;
     using KvCopy = BwdTileCopy<T, BN, D, kThreads>;
     static_assert(BM / 2 <= kThreads, "one thread per 16-byte chunk of a step's LSE and D rows");
 
@@ -231,9 +251,9 @@ struct BwdMainloop {
             zero_acc(s);
             zero_acc(dp);
             if (!hidden) {
-                gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, kPitch, kPipeFrags>(
+                gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, QL, kPipeFrags>(
                     s, base + Smem::kKOffset + key0 * kPitch + RowLane::a_x4(lane),
-                    q_stage + Smem::kQOffset + qc * kPitch + RowLane::b_x4(lane));
+                    QL::b_x4(q_stage + Smem::kQOffset + qc * kQPitch, lane));
             }
             // (S = 2, first chunk) step t + 1's loads. Stage stage ^ 1 was last read in step t - 1,
             // before this step's barrier. t + 1 goes through a zero that ptxas cannot prove
@@ -255,9 +275,9 @@ struct BwdMainloop {
                 const bool mods = p.softcap > 0.f || p.alibi_slopes != nullptr;
                 if (!hidden) {
                     if (!mods) probs_plain<kMasked>(s, st, m, qc, key0, stage, lane);
-                    gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, kPitch, kPipeFrags>(
+                    gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, QL, kPipeFrags>(
                         dp, base + Smem::kVOffset + key0 * kPitch + RowLane::a_x4(lane),
-                        q_stage + Smem::kDoOffset + qc * kPitch + RowLane::b_x4(lane));
+                        QL::b_x4(q_stage + Smem::kDoOffset + qc * kQPitch, lane));
                 }
                 load_next();
                 if (!hidden) {
@@ -273,18 +293,18 @@ struct BwdMainloop {
                     if constexpr (kExpEarly) {
                         const bool mods = p.softcap > 0.f || p.alibi_slopes != nullptr;
                         if (!mods) probs_plain<kMasked>(s, st, m, qc, key0, stage, lane);
-                        gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, kPitch, kPipeFrags>(
+                        gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, QL, kPipeFrags>(
                             dp, base + Smem::kVOffset + key0 * kPitch + RowLane::a_x4(lane),
-                            q_stage + Smem::kDoOffset + qc * kPitch + RowLane::b_x4(lane));
+                            QL::b_x4(q_stage + Smem::kDoOffset + qc * kQPitch, lane));
                         if (!mods) {
                             grads_plain(s, dp, qc, stage, lane);
                         } else {
                             probs_and_grads_impl<kMasked, /*kMods=*/true>(s, dp, st, h, m, qc, key0, stage, lane);
                         }
                     } else {
-                        gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, kPitch, kPipeFrags>(
+                        gemm_rows_rows<T, kMT, kNT, D / 16, kPitch, QL, kPipeFrags>(
                             dp, base + Smem::kVOffset + key0 * kPitch + RowLane::a_x4(lane),
-                            q_stage + Smem::kDoOffset + qc * kPitch + RowLane::b_x4(lane));
+                            QL::b_x4(q_stage + Smem::kDoOffset + qc * kQPitch, lane));
                         probs_and_grads<kMasked>(s, dp, st, h, m, qc, key0, stage, lane);
                     }
                 }
@@ -297,10 +317,10 @@ struct BwdMainloop {
             if constexpr (Shape::kPtInSmem) {
                 store_frags(base + Smem::kPtOffset, pa, key0, qc, lane);
             } else if (!hidden) {
-                gemm_regs_trans<T, kMT, kNT / 2, kDT, kPitch>(
-                    dv, pa, q_stage + Smem::kDoOffset + qc * kPitch + RowLane::bt_x4(lane));
-                gemm_regs_trans<T, kMT, kNT / 2, kDT, kPitch>(
-                    dk, dsa, q_stage + Smem::kQOffset + qc * kPitch + RowLane::bt_x4(lane));
+                gemm_regs_trans<T, kMT, kNT / 2, kDT, QL>(dv, pa,
+                                                          QL::bt_x4(q_stage + Smem::kDoOffset + qc * kQPitch, lane));
+                gemm_regs_trans<T, kMT, kNT / 2, kDT, QL>(dk, dsa,
+                                                          QL::bt_x4(q_stage + Smem::kQOffset + qc * kQPitch, lane));
             }
         }
     }
@@ -457,13 +477,22 @@ struct BwdMainloop {
         const int key0 = wr * Shape::kWarpKeys;
         const uint32_t base = smem_base();
         const uint32_t q_stage = base + static_cast<uint32_t>(stage) * Smem::kQStageBytes;
-        const uint32_t col = wc * Shape::kWarpD * 2;
-        gemm_rows_trans<T, kMT, BM / 16, kDT, kSPitch, kPitch, kPipeFrags>(
-            dv, base + Smem::kPtOffset + key0 * kSPitch + SLane::a_x4(lane),
-            q_stage + Smem::kDoOffset + RowLane::bt_x4(lane) + col);
-        gemm_rows_trans<T, kMT, BM / 16, kDT, kSPitch, kPitch, kPipeFrags>(
-            dk, base + Smem::kDsOffset + key0 * kSPitch + SLane::a_x4(lane),
-            q_stage + Smem::kQOffset + RowLane::bt_x4(lane) + col);
+        // The warp's first column, in 16-column groups. QL::column holds for the kDT / 2 groups
+        // walked from it: a power of two (or a multiple of 4) that j0 is a multiple of.
+        typename QL::Lane do_lane, q_lane;
+        if constexpr (kSwizzleQ) {
+            const int j0 = wc * kWarpGroups;
+            do_lane = QL::column(QL::bt_x4(q_stage + Smem::kDoOffset, lane), j0);
+            q_lane = QL::column(QL::bt_x4(q_stage + Smem::kQOffset, lane), j0);
+        } else {
+            const uint32_t col = wc * Shape::kWarpD * 2;
+            do_lane = q_stage + Smem::kDoOffset + RowLane::bt_x4(lane) + col;
+            q_lane = q_stage + Smem::kQOffset + RowLane::bt_x4(lane) + col;
+        }
+        gemm_rows_trans<T, kMT, BM / 16, kDT, kSPitch, QL, kPipeFrags>(
+            dv, base + Smem::kPtOffset + key0 * kSPitch + SLane::a_x4(lane), do_lane);
+        gemm_rows_trans<T, kMT, BM / 16, kDT, kSPitch, QL, kPipeFrags>(
+            dk, base + Smem::kDsOffset + key0 * kSPitch + SLane::a_x4(lane), q_lane);
     }
 
     // This key block's rank among the key blocks that visit query block m (the order in which
