@@ -709,7 +709,8 @@ pub const fn sm80_bwd_warp_keys(head_dim: u32, tile: &Tile) -> u32 {
 
 /// Shared memory of an sm80-family backward tile (the main kernel's; the dot and convert kernels
 /// use none): K and V (`block_n` rows), `stages` x (Q and dO of `block_m` rows), each row padded
-/// by 8 elements; `stages` x 2 x `block_m` fp32 (log2 LSE, D); dS^T (`block_n` rows of
+/// by 8 elements (d = 128 / 256 keep Q / dO in swizzled rows of `head_dim` elements inside the
+/// same stages); `stages` x 2 x `block_m` fp32 (log2 LSE, D); dS^T (`block_n` rows of
 /// `block_m + 8` elements), P^T likewise when two warps share a key group; 64 bytes of walk state.
 /// `csrc/sm80/bwd_gemm.cuh` (`BwdSmem`) computes the same number and every kernel
 /// static_asserts that it equals the one the build passes in.

@@ -5,7 +5,8 @@
 // c[MT][NT][4] holds rows 16*mt + 8*half + lane/4 and columns 8*nt + 2*(lane%4) + e at
 // c[mt][nt][2*half + e]. Shared-memory tiles are rows of 16-bit elements with a pitch that is an
 // odd number of 16-byte chunks, so every ldmatrix phase and every 4-byte fragment store is
-// conflict-free without a swizzle.
+// conflict-free without a swizzle; the per-step Q / dO tiles of d = 128 / 256 use XOR-swizzled
+// rows of D elements instead (BwdMainloop::kSwizzleQ, sm80/smem_rows.cuh).
 #pragma once
 
 #include <stdint.h>
@@ -142,7 +143,9 @@ struct BwdShape {
 
 // Dynamic shared memory of one backward thread block (byte offsets; every region 16-byte aligned):
 //   k, v:        [BN][D + 8]          the block's keys and values (later the dK / dV staging area)
-//   q, dout:     [S][BM][D + 8]       the step's queries and output gradients (S stages)
+//   q, dout:     [S][BM][D + 8]       the step's queries and output gradients (S stages; with
+//                                     BwdMainloop::kSwizzleQ each stage holds BM swizzled rows of
+//                                     D elements and leaves its last BM * 16 bytes unused)
 //   lse, dsum:   [S][BM] fp32         the step's log2 LSE and D = rowsum(dO * O)
 //   ds:          [BN][BM + 8]         dS^T of the step (for dQ = dS K)
 //   pt:          [BN][BM + 8]         P^T of the step (only when kPtInSmem)
