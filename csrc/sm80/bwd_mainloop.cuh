@@ -67,8 +67,9 @@ struct BwdMainloop {
     // column step of QL::column across 3 / 6 groups (kWarpGroups), which the swizzle's XOR does
     // not compose with; d = 80 / 96 rows are not whole lines.
     static constexpr int kWarpGroups = Shape::kWarpD / 16;  // 16-column groups of a warp's dK / dV
-    static constexpr bool kSwizzleQ = (D * static_cast<int>(sizeof(T))) % 128 == 0 && D >= 128 &&
-                                      (!Shape::kPtInSmem || kWarpGroups % 4 == 0 || (kWarpGroups & (kWarpGroups - 1)) == 0);
+    static constexpr bool kSwizzleQ =
+        (D * static_cast<int>(sizeof(T))) % 128 == 0 && D >= 128 &&
+        (!Shape::kPtInSmem || kWarpGroups % 4 == 0 || (kWarpGroups & (kWarpGroups - 1)) == 0);
     static constexpr int kQPitch = kSwizzleQ ? D * static_cast<int>(sizeof(T)) : kPitch;
     using QL = std::conditional_t<kSwizzleQ, SwizzledKv<kQPitch>, PaddedKv<kPitch>>;
     static_assert(!kSwizzleQ || (Smem::kQOffset % 128 == 0 && Smem::kDoOffset % 128 == 0 &&
@@ -477,10 +478,11 @@ struct BwdMainloop {
         const int key0 = wr * Shape::kWarpKeys;
         const uint32_t base = smem_base();
         const uint32_t q_stage = base + static_cast<uint32_t>(stage) * Smem::kQStageBytes;
-        // The warp's first column, in 16-column groups. QL::column holds for the kDT / 2 groups
-        // walked from it: a power of two (or a multiple of 4) that j0 is a multiple of.
+        // This lane's dO and Q addresses at the warp's first dK / dV column.
         typename QL::Lane do_lane, q_lane;
         if constexpr (kSwizzleQ) {
+            // The first column in 16-column groups. QL::column holds for the kWarpGroups groups
+            // walked from it: a power of two (or a multiple of 4) that j0 is a multiple of.
             const int j0 = wc * kWarpGroups;
             do_lane = QL::column(QL::bt_x4(q_stage + Smem::kDoOffset, lane), j0);
             q_lane = QL::column(QL::bt_x4(q_stage + Smem::kQOffset, lane), j0);

@@ -27,8 +27,8 @@ namespace sm80 {
 // epilogue; the pads of Q rows 0..3 hold the block's FwdWalkState (four 16-byte lines; five for
 // the paged kernels' FwdPagedWalkState). Where FwdMainloop::kSwizzleKv or kSplitKv holds, the K
 // (and V) region keeps this size but packs its S stages of BN swizzled rows of D elements
-// (SwizzledKvLane or SplitKv, FwdMainloop::kKvStageStride); its last S * BN * 16 bytes are then free (the
-// K region's hold the parked row sums, FwdMainloop::row_sum_park).
+// (SwizzledKvLane or SplitKv, FwdMainloop::kKvStageStride); its last S * BN * 16 bytes are then
+// free (the K region's hold the parked row sums, FwdMainloop::row_sum_park).
 template <class T, int D, int BM, int BN, int S>
 struct FwdSmem {
     static constexpr int kPitchBytes = PaddedRows<T, D>::kPitchBytes;
@@ -176,7 +176,6 @@ struct GmemToSmemTile {
         }
     }
 };
-
 
 // The cp.async copy of a SplitKv tile: the two panels as two swizzled copies (the tail's source
 // 64 elements into each row).
@@ -491,7 +490,8 @@ struct FwdMainloop {
     // elements each), so the S * BN * 16 bytes their rows do not use lie together at the end of
     // the K (and V) region: the row sums park there (row_sum_park).
     static constexpr int kKvStageStride = kSplitKv ? BN * D * static_cast<int>(sizeof(T)) : BN * kKvPitch;
-    static_assert(!(kSwizzleKv || kSplitKv) || (Smem::kKOffset % 128 == 0 && Smem::kVOffset % 128 == 0 && kKvStageStride % 128 == 0),
+    static_assert(!(kSwizzleKv || kSplitKv) ||
+                      (Smem::kKOffset % 128 == 0 && Smem::kVOffset % 128 == 0 && kKvStageStride % 128 == 0),
                   "swizzled K / V stages start on 128-byte lines (the smem base is 128-byte aligned)");
     static_assert(S * kKvStageStride <= S * Smem::kKvStageBytes, "the stages fit their region");
     using KvCopy = std::conditional_t<kSplitKv, SplitKvCopy<T, BN, D, kThreads, /*kRolledRaggedCopy=*/kWideQInRegs>,
