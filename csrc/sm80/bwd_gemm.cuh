@@ -230,21 +230,12 @@ struct BwdTileCopy {
     }
 };
 
-// Per-lane byte offsets of ldmatrix x4 row addresses inside a tile of pitch PITCH (lane i
-// addresses row i % 8 of matrix i / 8).
+// Per-lane byte offsets of ldmatrix x4 row addresses inside a padded tile of pitch PITCH:
+// LdmatrixLane's a_x4 (A from a row-major [m][k] tile), b_x4 (B, two n8 tiles x k16, from a
+// row-major [n][k] tile) and bt_x4 (B, k16 x two n8 tiles, from a row-major [k][n] tile through
+// .trans; also serves x2.trans: lanes 0-15 address k rows 0-15 of one n8 tile), plus at_x4.
 template <int PITCH>
-struct BwdLane {
-    // A (16 x 16) from a row-major [m][k] tile.
-    __device__ __forceinline__ static uint32_t a_x4(int lane) { return (lane % 16) * PITCH + (lane / 16) * 16; }
-    // B (two n8 tiles x k16) from a row-major [n][k] tile.
-    __device__ __forceinline__ static uint32_t b_x4(int lane) {
-        return ((lane % 8) + 8 * (lane / 16)) * PITCH + ((lane / 8) % 2) * 16;
-    }
-    // B (k16 x two n8 tiles) from a row-major [k][n] tile, through .trans (also serves x2.trans:
-    // lanes 0-15 address k rows 0-15 of one n8 tile).
-    __device__ __forceinline__ static uint32_t bt_x4(int lane) {
-        return ((lane % 8) + 8 * ((lane / 8) % 2)) * PITCH + (lane / 16) * 16;
-    }
+struct BwdLane : LdmatrixLane<PITCH> {
     // A (16 x 16) from a row-major [k][m] tile (the transpose is stored), through .trans:
     // matrices (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15).
     __device__ __forceinline__ static uint32_t at_x4(int lane) {
