@@ -65,7 +65,9 @@ struct BwdMainloop {
     // cells (1k / 4k / 16k, both masks), d = 256 +2.3-3.2% (causal 1k 0.998); d = 64 (32 x 128 x
     // 4 warps) 0.985-0.995 on 5 of 6 cells, so it keeps padded rows. d = 192 would need the
     // column step of QL::column across 3 / 6 groups (kWarpGroups), which the swizzle's XOR does
-    // not compose with; d = 80 / 96 rows are not whole lines.
+    // not compose with; d = 80 / 96 rows are not whole lines. Tried, not kept: d = 80 (whole-row
+    // warps) with Q / dO in the forward's two swizzled panels (SplitKv): 1.001 over 10 cells
+    // (512-16k, both masks; H200, 2026-12-04, perf log run 17 call 6).
     static constexpr int kWarpGroups = Shape::kWarpD / 16;  // 16-column groups of a warp's dK / dV
     static constexpr bool kSwizzleQ =
         (D * static_cast<int>(sizeof(T))) % 128 == 0 && D >= 128 &&
