@@ -425,8 +425,8 @@ macro_rules! tile {
 ///   barriers per step) is what lets two 64 x 64 blocks share an SM.
 /// - Rows are padded by 8 elements (16 bytes): the pitch is an odd number of 16-byte chunks for
 ///   every head dim here, so ldmatrix and cp.async are conflict-free without a swizzle. The
-///   pads of Q rows 0-3 hold the block's walk state, those of the K rows the parked row sums.
-///   Since 2026-12-04 K and V use an XOR swizzle with a pitch of D elements instead wherever
+///   pads of Q rows 0-3 hold the block's walk state, those of the K rows held the parked row
+///   sums. Since 2026-12-04 K and V use an XOR swizzle with a pitch of D elements instead wherever
 ///   D is whole 128-byte lines (64 / 128 / 192 / 256): the padded rows made every 128-byte
 ///   segment of the cp.async copy straddle two smem lines (`FwdMainloop::kSwizzleKv`; d = 256
 ///   +6-12%, d = 64 +2-6%, perf log run 16; d = 128 +2-7%, run 17). The K and V regions keep

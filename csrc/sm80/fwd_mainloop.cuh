@@ -416,8 +416,9 @@ struct FwdMainloop {
     // Where O + S take more than 160 of the 255 registers but at most 192 (d = 128 with 32 rows
     // per warp and 64 keys), the step keeps its whole block as one softmax chunk and parks the
     // per-lane row sums in shared memory between steps (the 4 registers that made ptxas spill):
-    // one LDS.128 and one STS.128 per step, in the unused 16-byte pads of the K stage rows (one
-    // line per thread; row_sum_park). Measured on H100 (d = 128, 128 x 64): +5-7% over two
+    // one LDS.128 and one STS.128 per step, in the 16 bytes per K row that the stages leave
+    // unused (one line per thread; row_sum_park: since the K / V swizzle, the free end of the
+    // packed K region; before it, the pads of the K rows). Measured on H100 (d = 128, 128 x 64): +5-7% over two
     // 32-key chunks, which re-read Q from smem per chunk. (Parking the sums of the d = 256
     // 128 x 64 x 8-warp tile too, in K and V row pads, to hold more of Q: 4-8% slower, H200
     // 2026-12-03.)
