@@ -81,8 +81,6 @@ struct PaddedKv {
     }
     __device__ __forceinline__ static uint32_t addr(Lane l, int r16, int j) { return l + r16 * 16 * PITCH + j * 32; }
     __device__ __forceinline__ static Lane advance(Lane l, int rows) { return l + rows * PITCH; }
-    // The lane address of a tile that starts j0 16-column groups to the right (see SwizzledKv).
-    __device__ __forceinline__ static Lane column(Lane l, int j0) { return l + j0 * 32; }
 };
 
 // Swizzled rows of whole 128-byte lines (SwizzledKvLane), pitch PITCH bytes.
